@@ -1,0 +1,127 @@
+"""
+### SKU retraining — monthly retraining of the self-checkout product-recognition model
+
+One run = one retraining. Scheduled at 03:00 UTC on the 1st of every month
+(`0 3 1 * *`); trigger it by hand with the form's params.
+
+1. **migrate_catalogue** — apply the catalogue DB's versioned migrations (idempotent).
+2. **wait_for_new_batches** — waits (reschedule mode, 12 h) for a complete batch
+   (`incoming/<batch_id>/_SUCCESS`) the catalogue has not registered; invalid manifests are
+   marked rejected with the reason. Nothing new by the timeout → the run is *skipped*.
+   `batch_ids` skips the waiting; `force_retrain` continues even when nothing is new.
+3. **register_batches** — registers SKUs (stable class indices) and images (content-hashed),
+   quarantines bad files with a reason, assigns train/val/test (deterministic, stable,
+   stratified per SKU). One transaction per batch.
+4. **continue_unless_dry_run** — a `dry_run` stops here (registration was rolled back).
+5. **import_batches_to_fsx** — makes the new images visible on FSx for Lustre.
+6. **export_manifests** — train/val/test manifests + `classes.json` to S3 and FSx, recorded
+   as the run's dataset snapshot.
+
+Configuration (bucket, FSx, job backend, ...) is read at run time from
+`include/config/default.json`, `$SKU_RETRAINING_CONFIG` and the Variable
+`sku_retraining_config`; see the project README.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from sku_retraining.sensors.new_batches import NewSkuBatchSensor
+
+SCHEDULE = "0 3 1 * *"  # 03:00 UTC on the 1st of each month: batches land during the month.
+
+
+@dag(
+    dag_id="sku_retraining",
+    schedule=SCHEDULE,
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["sku-retraining", "ml", "sagemaker"],
+    render_template_as_native_obj=True,
+    default_args={
+        "owner": "ml-platform",
+        "retries": 2,
+        "retry_delay": timedelta(minutes=2),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=30),
+    },
+    params={
+        "batch_ids": Param(
+            None,
+            type=["null", "array"],
+            items={"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+            title="Batch ids",
+            description="Register exactly these batches instead of waiting for new ones.",
+        ),
+        "force_retrain": Param(
+            False,
+            type="boolean",
+            title="Force retrain",
+            description="Retrain on the catalogue as it is when no new batch arrived.",
+        ),
+        "dry_run": Param(
+            False,
+            type="boolean",
+            title="Dry run",
+            description="Inspect and report what registration would do, write nothing, stop there.",
+        ),
+    },
+)
+def sku_retraining():
+    @task
+    def migrate_catalogue() -> list[str]:
+        from sku_retraining.tasks.intake import migrate_catalogue
+
+        return migrate_catalogue()
+
+    wait_for_new_batches = NewSkuBatchSensor(
+        task_id="wait_for_new_batches",
+        batch_ids="{{ params.batch_ids }}",
+        force_retrain="{{ params.force_retrain }}",
+        mode="reschedule",
+        poke_interval=timedelta(minutes=10),
+        timeout=timedelta(hours=12),
+        soft_fail=True,
+    )
+
+    @task
+    def register_batches(batch_ids: list[str]) -> list[dict]:
+        from sku_retraining.tasks.intake import register_batches
+
+        context = get_current_context()
+        return register_batches(batch_ids, run_id=context["run_id"], dry_run=context["params"]["dry_run"])
+
+    @task.short_circuit
+    def continue_unless_dry_run(results: list[dict]) -> bool:
+        params = get_current_context()["params"]
+        if params["dry_run"]:
+            return False
+        return params["force_retrain"] or any(r["status"] == "registered" for r in results)
+
+    @task
+    def import_batches_to_fsx(batch_ids: list[str]) -> int:
+        from sku_retraining.tasks.intake import import_batches_to_fsx
+
+        return import_batches_to_fsx(batch_ids)
+
+    @task
+    def export_manifests(batch_ids: list[str]) -> dict:
+        from sku_retraining.tasks.intake import export_manifests
+
+        return export_manifests(run_id=get_current_context()["run_id"], batch_ids=batch_ids)
+
+    migrated = migrate_catalogue()
+    registered = register_batches(wait_for_new_batches.output)
+    proceed = continue_unless_dry_run(registered)
+    imported = import_batches_to_fsx(wait_for_new_batches.output)
+    manifests = export_manifests(wait_for_new_batches.output)
+
+    migrated >> wait_for_new_batches
+    proceed >> imported >> manifests
+
+
+sku_retraining()

@@ -1,0 +1,1 @@
+"""sku_retraining: the project package for Airflow (operators, sensors, hooks, domain logic)."""

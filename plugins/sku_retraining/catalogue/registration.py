@@ -1,0 +1,334 @@
+"""Register a batch's SKUs and images and assign their split, set-based, in one transaction.
+
+The caller inspects the files (see :mod:`sku_retraining.image_check`) and streams one
+:class:`StagedImage` per object. Here they are COPY'd into a temporary staging table and
+the rest is SQL: classify (quarantine with a reason, or accept), add new SKUs with the next
+stable class indices, insert accepted images with their split. A failure anywhere rolls the
+whole batch back: the catalogue never holds half a batch.
+
+Split rules (deterministic, stable, stratified per SKU, grouped by source image):
+
+* the split of an original is decided once, when it is inserted, and never updated;
+* ``u = md5(sha256 || ':split')`` mapped to [0, 1) picks train / val / test by the configured
+  fractions, so the same content lands in the same split on any machine;
+* a SKU with at least ``min_originals_for_holdout`` originals gets at least one test and
+  one val image: while it has none, its first new originals (in hash order) fill them;
+  smaller SKUs keep all originals in train until they grow;
+* augmented variants inherit their source's split (see :mod:`.variants`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sku_retraining.config import SplitConfig
+from sku_retraining.manifest import BatchManifest
+
+
+@dataclass(frozen=True, slots=True)
+class StagedImage:
+    """One object found under the batch's ``images/`` prefix, after inspection."""
+
+    object_key: str
+    sku_folder: str | None
+    sha256: str | None
+    n_bytes: int
+    width: int | None = None
+    height: int | None = None
+    problem_code: str | None = None
+    problem_detail: str | None = None
+
+
+@dataclass
+class RegistrationResult:
+    batch_id: str
+    status: str  # "registered", "already_registered", "rejected"
+    n_images: int = 0
+    n_quarantined: int = 0
+    new_skus: list[str] = field(default_factory=list)
+    quarantine_by_reason: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)
+    rejection_reason: str | None = None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+_STAGE_DDL = """
+CREATE TEMP TABLE stage_images (
+    object_key text COLLATE "C" PRIMARY KEY,
+    sku_folder text COLLATE "C",
+    sha256 text COLLATE "C",
+    n_bytes bigint,
+    width integer,
+    height integer,
+    problem_code text,
+    problem_detail text
+) ON COMMIT DROP;
+CREATE TEMP TABLE stage_skus (
+    sku_id text COLLATE "C" PRIMARY KEY, name text, brand text, category text
+) ON COMMIT DROP;
+"""
+
+# One pass decides every staged object's fate. Precedence: inspection problem, unknown SKU
+# folder, same content under two SKUs (in this batch or vs the catalogue), duplicate content.
+# Content seen twice in one batch is rare: find it with a cheap hash aggregate first.
+_CLASSIFY = """
+CREATE TEMP TABLE verdicts ON COMMIT DROP AS
+WITH valid AS (
+    SELECT s.sha256, s.object_key, s.sku_folder
+    FROM stage_images s JOIN stage_skus m ON m.sku_id = s.sku_folder
+    WHERE s.problem_code IS NULL
+),
+repeated AS (
+    SELECT v.sha256,
+           min(v.object_key) AS first_key,
+           count(DISTINCT v.sku_folder) > 1 AS label_conflict,
+           string_agg(DISTINCT v.sku_folder, ', ' ORDER BY v.sku_folder) AS labels
+    FROM valid v
+    WHERE v.sha256 IN (SELECT sha256 FROM valid GROUP BY sha256 HAVING count(*) > 1)
+    GROUP BY v.sha256
+)
+SELECT s.object_key, s.sku_folder, s.sha256, s.n_bytes, s.width, s.height,
+       CASE
+         WHEN s.problem_code IS NOT NULL THEN s.problem_code
+         WHEN m.sku_id IS NULL THEN 'unknown_sku'
+         WHEN d.label_conflict THEN 'conflicting_labels'
+         WHEN i.sku_id IS NOT NULL AND i.sku_id <> s.sku_folder THEN 'conflicting_labels'
+         WHEN i.sku_id IS NOT NULL THEN 'duplicate'
+         WHEN d.first_key <> s.object_key THEN 'duplicate'
+       END AS problem_code,
+       CASE
+         WHEN s.problem_code IS NOT NULL THEN s.problem_detail
+         WHEN m.sku_id IS NULL THEN format('folder %%s is not a SKU listed in manifest.json', s.sku_folder)
+         WHEN d.label_conflict THEN
+              format('the same image content is labelled as several SKUs in this batch (%%s)', d.labels)
+         WHEN i.sku_id IS NOT NULL AND i.sku_id <> s.sku_folder THEN
+              format('the same image content is already registered as SKU %%s (%%s)', i.sku_id, i.fsx_path)
+         WHEN i.sku_id IS NOT NULL THEN format('same content already registered at %%s', i.fsx_path)
+         WHEN d.first_key <> s.object_key THEN format('same content as %%s in this batch', d.first_key)
+       END AS problem_detail
+FROM stage_images s
+LEFT JOIN stage_skus m ON m.sku_id = s.sku_folder
+LEFT JOIN repeated d ON d.sha256 = s.sha256
+LEFT JOIN images i ON i.sha256 = s.sha256;
+"""
+
+_QUARANTINE = """
+INSERT INTO quarantine (batch_id, object_key, sha256, sku_id, reason_code, reason)
+SELECT %(batch_id)s, object_key, sha256, sku_folder, problem_code, problem_detail
+FROM verdicts WHERE problem_code IS NOT NULL
+"""
+
+# New SKUs (with at least one accepted image) get the next class indices, in sku_id order.
+# The table lock makes concurrent registrations take turns, so indices stay dense and unique.
+_LOCK_SKUS = "LOCK TABLE skus IN SHARE ROW EXCLUSIVE MODE"
+_NEW_SKUS = """
+INSERT INTO skus (sku_id, class_index, name, brand, category, first_batch_id)
+SELECT m.sku_id,
+       (SELECT coalesce(max(class_index), -1) FROM skus) + row_number() OVER (ORDER BY m.sku_id),
+       m.name, m.brand, m.category, %(batch_id)s
+FROM stage_skus m
+WHERE NOT EXISTS (SELECT 1 FROM skus k WHERE k.sku_id = m.sku_id)
+  AND EXISTS (SELECT 1 FROM verdicts v WHERE v.sku_folder = m.sku_id AND v.problem_code IS NULL)
+ORDER BY m.sku_id
+RETURNING sku_id
+"""
+
+# ``u`` comes from the last 8 hex digits of the content hash; the hold-out fill order from
+# the whole hash: both uniform, both the same on any machine. ``skus`` holds each SKU's
+# split counts *before* this batch.
+_INSERT_ORIGINALS = """
+WITH ranked AS (
+    SELECT v.sha256, v.sku_folder, v.object_key, v.width, v.height, v.n_bytes,
+           ('x' || substr(v.sha256, 57, 8))::bit(32)::bigint / 4294967296.0 AS u,
+           row_number() OVER (PARTITION BY v.sku_folder ORDER BY v.sha256) AS r,
+           count(*) OVER (PARTITION BY v.sku_folder) AS n_new
+    FROM verdicts v WHERE v.problem_code IS NULL
+)
+INSERT INTO images (sha256, sku_id, batch_id, fsx_path, split, width, height, n_bytes)
+SELECT r.sha256, r.sku_folder, %(batch_id)s, r.object_key,
+       CASE
+         WHEN k.n_originals + r.n_new < %(min_holdout)s THEN 'train'
+         WHEN k.n_test = 0 AND r.r = 1 THEN 'test'
+         WHEN k.n_val = 0 AND r.r = CASE WHEN k.n_test = 0 THEN 2 ELSE 1 END THEN 'val'
+         WHEN r.u < %(train)s THEN 'train'
+         WHEN r.u < %(train)s + %(val)s THEN 'val'
+         ELSE 'test'
+       END,
+       r.width, r.height, r.n_bytes
+FROM ranked r JOIN skus k ON k.sku_id = r.sku_folder
+ORDER BY r.sha256  -- fills the primary-key index in order
+"""
+
+_UPDATE_SKU_COUNTS = """
+UPDATE skus k
+SET n_originals = k.n_originals + c.n, n_val = k.n_val + c.n_val, n_test = k.n_test + c.n_test
+FROM (
+    SELECT sku_id, count(*) AS n,
+           count(*) FILTER (WHERE split = 'val') AS n_val,
+           count(*) FILTER (WHERE split = 'test') AS n_test
+    FROM images WHERE batch_id = %(batch_id)s AND source_sha256 IS NULL
+    GROUP BY sku_id
+) c
+WHERE k.sku_id = c.sku_id
+"""
+
+
+def _copy_rows(cur, statement: str, rows: Iterable[tuple]) -> int:
+    n = 0
+    with cur.copy(statement) as copy:
+        for row in rows:
+            copy.write_row(row)
+            n += 1
+    return n
+
+
+def batch_status(conn, batch_id: str) -> str | None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT status FROM batches WHERE batch_id = %s", (batch_id,))
+        row = cur.fetchone()
+    return row[0] if row else None
+
+
+def record_rejection(conn, batch_id: str, reason: str, *, marker_last_modified=None, run_id: str | None = None) -> None:
+    """Mark ``batch_id`` rejected with ``reason`` (idempotent; never over a registered batch)."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(
+            """INSERT INTO batches (batch_id, status, rejection_reason, marker_last_modified, registered_by_run)
+               VALUES (%s, 'rejected', %s, %s, %s)
+               ON CONFLICT (batch_id) DO UPDATE
+                 SET rejection_reason = EXCLUDED.rejection_reason,
+                     marker_last_modified = EXCLUDED.marker_last_modified,
+                     registered_by_run = EXCLUDED.registered_by_run,
+                     updated_at = now()
+                 WHERE batches.status = 'rejected'""",
+            (batch_id, reason, marker_last_modified, run_id),
+        )
+
+
+def register_batch(
+    conn,
+    manifest: BatchManifest,
+    images: Iterable[StagedImage],
+    *,
+    split: SplitConfig,
+    run_id: str | None = None,
+    marker_last_modified=None,
+    commit: bool = True,
+) -> RegistrationResult:
+    """Register ``manifest``'s batch and its staged ``images`` (see the module docstring).
+
+    Idempotent: a batch already registered is left as it is (``already_registered``).
+    With ``commit=False`` everything is computed and reported, then rolled back (dry run).
+
+    :param conn: a psycopg connection in autocommit mode (each call is its own transaction).
+    """
+    batch_id = manifest.batch_id
+    result = RegistrationResult(batch_id=batch_id, status="registered")
+
+    class _DryRun(Exception):
+        pass
+
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            # Serialise registrations of the same batch (two task tries at once).
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext('batch:' || %s))", (batch_id,))
+            cur.execute("SELECT status FROM batches WHERE batch_id = %s FOR UPDATE", (batch_id,))
+            row = cur.fetchone()
+            if row and row[0] == "registered":
+                cur.execute(
+                    "SELECT n_images, n_quarantined FROM batches WHERE batch_id = %s", (batch_id,)
+                )
+                result.n_images, result.n_quarantined = cur.fetchone()
+                result.status = "already_registered"
+                return result
+
+            # Sorts and hashes of a whole batch fit in memory instead of spilling to disk.
+            cur.execute("SET LOCAL work_mem = '256MB'")
+            cur.execute(_STAGE_DDL)
+            _copy_rows(
+                cur,
+                "COPY stage_skus (sku_id, name, brand, category) FROM STDIN",
+                ((s.sku_id, s.name, s.brand, s.category) for s in manifest.skus),
+            )
+            n_staged = _copy_rows(
+                cur,
+                "COPY stage_images (object_key, sku_folder, sha256, n_bytes, width, height, "
+                "problem_code, problem_detail) FROM STDIN",
+                (
+                    (i.object_key, i.sku_folder, i.sha256, i.n_bytes, i.width, i.height,
+                     i.problem_code, i.problem_detail)
+                    for i in images
+                ),
+            )
+            if n_staged == 0:
+                reason = "batch has no image files under images/ (empty batch)"
+                result.status, result.rejection_reason = "rejected", reason
+                cur.execute(
+                    """INSERT INTO batches (batch_id, status, rejection_reason, manifest_sha256,
+                                            manifest_created_at, marker_last_modified, registered_by_run)
+                       VALUES (%s, 'rejected', %s, %s, %s, %s, %s)
+                       ON CONFLICT (batch_id) DO UPDATE SET rejection_reason = EXCLUDED.rejection_reason,
+                           marker_last_modified = EXCLUDED.marker_last_modified, updated_at = now()""",
+                    (batch_id, reason, manifest.sha256, manifest.created_at, marker_last_modified, run_id),
+                )
+                if not commit:
+                    raise _DryRun
+                return result
+
+            # A rejected batch re-uploaded with a fix is registered over its rejection.
+            cur.execute(
+                """INSERT INTO batches (batch_id, status, manifest_sha256, manifest_created_at,
+                                        marker_last_modified, registered_by_run)
+                   VALUES (%s, 'registered', %s, %s, %s, %s)
+                   ON CONFLICT (batch_id) DO UPDATE SET status = 'registered', rejection_reason = NULL,
+                       manifest_sha256 = EXCLUDED.manifest_sha256,
+                       manifest_created_at = EXCLUDED.manifest_created_at,
+                       marker_last_modified = EXCLUDED.marker_last_modified,
+                       registered_by_run = EXCLUDED.registered_by_run, updated_at = now()""",
+                (batch_id, manifest.sha256, manifest.created_at, marker_last_modified, run_id),
+            )
+            cur.execute("ANALYZE stage_images")
+            cur.execute(_CLASSIFY, {})
+            params = {"batch_id": batch_id}
+            cur.execute(_QUARANTINE, params)
+            cur.execute(
+                "SELECT problem_code, count(*) FROM verdicts WHERE problem_code IS NOT NULL "
+                "GROUP BY 1 ORDER BY 1"
+            )
+            result.quarantine_by_reason = dict(cur.fetchall())
+            result.n_quarantined = sum(result.quarantine_by_reason.values())
+            cur.execute(_LOCK_SKUS)
+            cur.execute(_NEW_SKUS, params)
+            result.new_skus = sorted(r[0] for r in cur.fetchall())
+            cur.execute(
+                _INSERT_ORIGINALS,
+                {
+                    **params,
+                    "min_holdout": split.min_originals_for_holdout,
+                    "train": split.train_fraction,
+                    "val": split.val_fraction,
+                },
+            )
+            inserted = cur.rowcount
+            cur.execute("SELECT count(*) FROM verdicts WHERE problem_code IS NULL")
+            accepted = cur.fetchone()[0]
+            if inserted != accepted:  # every accepted image's SKU must exist: never drop one silently
+                raise RuntimeError(f"batch {batch_id!r}: {accepted} images accepted but {inserted} inserted")
+            cur.execute(_UPDATE_SKU_COUNTS, params)
+            cur.execute(
+                "SELECT split, count(*) FROM images WHERE batch_id = %s GROUP BY 1 ORDER BY 1", (batch_id,)
+            )
+            result.splits = dict(cur.fetchall())
+            result.n_images = sum(result.splits.values())
+            cur.execute(
+                "UPDATE batches SET n_images = %s, n_quarantined = %s WHERE batch_id = %s",
+                (result.n_images, result.n_quarantined, batch_id),
+            )
+            if not commit:
+                raise _DryRun
+    except _DryRun:
+        pass
+    return result

@@ -1,0 +1,176 @@
+"""The pipeline's configuration: one typed place, read at task run time only.
+
+Layers, later ones win:
+
+1. ``include/config/default.json`` (shipped with the project, the local defaults);
+2. the JSON file named by ``$SKU_RETRAINING_CONFIG`` (a deployment's file, e.g. on MWAA);
+3. the Airflow Variable ``sku_retraining_config`` (JSON), only when asked for from a task;
+4. the ``SKU_RETRAINING_*`` environment variables the local stack writes
+   (bucket, S3 endpoint, FSx root, job backend).
+
+Unknown keys are an error naming the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+INCLUDE_DIR = PROJECT_ROOT / "include"
+DEFAULT_CONFIG_FILE = INCLUDE_DIR / "config" / "default.json"
+MIGRATIONS_DIR = INCLUDE_DIR / "migrations"
+SCHEMAS_DIR = INCLUDE_DIR / "schemas"
+
+CONFIG_FILE_ENV = "SKU_RETRAINING_CONFIG"
+CONFIG_VARIABLE = "sku_retraining_config"
+
+JobBackend = Literal["local", "sagemaker"]
+
+
+class ConfigError(ValueError):
+    """The configuration is malformed; the message names the bad key."""
+
+
+@dataclass(frozen=True)
+class Prefixes:
+    incoming: str = "incoming/"
+    datasets: str = "datasets/"
+    models: str = "models/"
+    jobs: str = "jobs/"
+
+
+@dataclass(frozen=True)
+class FsxConfig:
+    """FSx for Lustre, linked to the data bucket (the S3 key is the path under the mount)."""
+
+    file_system_id: str = "fs-00000000000000000"
+    mount_name: str = "fsx"
+    # Where the file system is mounted for the local backend (relative to the project root).
+    local_root: str = ".stack/fsx"
+
+    def local_path(self) -> Path:
+        root = Path(self.local_root)
+        return root if root.is_absolute() else PROJECT_ROOT / root
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    train_fraction: float = 0.8
+    val_fraction: float = 0.1
+    # A SKU with fewer originals than this keeps them all in train until it has enough.
+    min_originals_for_holdout: int = 3
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    download_workers: int = 8
+    allowed_formats: tuple[str, ...] = ("JPEG", "PNG")
+    allowed_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    data_bucket: str = "sku-retraining-data"
+    model_name: str = "sku-recognition"
+    region_name: str = "us-east-1"
+    job_backend: JobBackend = "local"
+    catalogue_conn_id: str = "sku_catalogue"
+    aws_conn_id: str = "aws_default"
+    prefixes: Prefixes = field(default_factory=Prefixes)
+    fsx: FsxConfig = field(default_factory=FsxConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
+
+    def __post_init__(self) -> None:
+        if self.job_backend not in ("local", "sagemaker"):
+            raise ConfigError(f"job_backend must be 'local' or 'sagemaker', got {self.job_backend!r}")
+        s = self.split
+        if not (0 < s.train_fraction < 1 and 0 <= s.val_fraction < 1 and s.train_fraction + s.val_fraction < 1):
+            raise ConfigError(
+                "split.train_fraction and split.val_fraction must be in (0, 1) and sum to < 1 "
+                f"(got {s.train_fraction}, {s.val_fraction})"
+            )
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with their path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a JSON object, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}")
+    kwargs: dict[str, Any] = {}
+    defaults = cls()
+    for name, value in data.items():
+        current = getattr(defaults, name)
+        if is_dataclass(current):
+            kwargs[name] = _build(type(current), value, f"{where}{name}.")
+        elif isinstance(current, tuple):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_json_file(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+
+
+def _environment_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if environ.get("SKU_RETRAINING_DATA_BUCKET"):
+        overrides["data_bucket"] = environ["SKU_RETRAINING_DATA_BUCKET"]
+    if environ.get("SKU_RETRAINING_JOB_BACKEND"):
+        overrides["job_backend"] = environ["SKU_RETRAINING_JOB_BACKEND"]
+    if environ.get("SKU_RETRAINING_FSX_ROOT"):
+        overrides["fsx"] = {"local_root": environ["SKU_RETRAINING_FSX_ROOT"]}
+    return overrides
+
+
+def load_config(
+    *, variable_json: str | None = None, environ: dict[str, str] | None = None
+) -> PipelineConfig:
+    """Load the layered configuration (see the module docstring).
+
+    :param variable_json: the Airflow Variable's value, when the caller read it (tasks do,
+        via :func:`load_config_from_airflow`; the DAG file never does).
+    :param environ: environment to read, ``os.environ`` by default.
+    """
+    env = os.environ if environ is None else environ
+    data = _read_json_file(DEFAULT_CONFIG_FILE)
+    if env.get(CONFIG_FILE_ENV):
+        data = _deep_merge(data, _read_json_file(Path(env[CONFIG_FILE_ENV])))
+    if variable_json:
+        try:
+            data = _deep_merge(data, json.loads(variable_json))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"Airflow Variable {CONFIG_VARIABLE} is not valid JSON: {exc}") from exc
+    data = _deep_merge(data, _environment_overrides(dict(env)))
+    return _build(PipelineConfig, data, "")
+
+
+def load_config_from_airflow() -> PipelineConfig:
+    """Task-time loader: includes the Airflow Variable layer. Never call at DAG parse time."""
+    from airflow.sdk import Variable
+
+    return load_config(variable_json=Variable.get(CONFIG_VARIABLE, default=None))

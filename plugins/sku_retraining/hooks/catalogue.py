@@ -1,0 +1,46 @@
+"""``CatalogueHook``: the catalogue database through the postgres provider's connection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+
+class CatalogueHook(PostgresHook):
+    """The SKU catalogue (PostgreSQL; RDS in production).
+
+    A ``PostgresHook`` whose default connection is ``sku_catalogue``; all catalogue work goes
+    through :meth:`connection`, which hands out a psycopg connection in autocommit mode so
+    every ``conn.transaction()`` block below is a real, self-contained transaction.
+
+    :param postgres_conn_id: the Airflow connection of the catalogue database.
+    """
+
+    default_conn_name = "sku_catalogue"
+    hook_name = "SKU catalogue (PostgreSQL)"
+
+    def __init__(self, *, postgres_conn_id: str = default_conn_name, **kwargs) -> None:
+        super().__init__(postgres_conn_id=postgres_conn_id, **kwargs)
+
+    @contextmanager
+    def connection(self) -> Iterator:
+        conn = self.get_conn()
+        try:
+            conn.autocommit = True
+            yield conn
+        finally:
+            conn.close()
+
+    def migrate(self) -> list[str]:
+        from sku_retraining.catalogue.migrations import apply_migrations
+
+        with self.connection() as conn:
+            return apply_migrations(conn)
+
+    def known_batches(self) -> dict[str, tuple[str, object]]:
+        """``batch_id -> (status, marker_last_modified)`` for every batch the catalogue has seen."""
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT batch_id, status, marker_last_modified FROM batches")
+            return {row[0]: (row[1], row[2]) for row in cur.fetchall()}

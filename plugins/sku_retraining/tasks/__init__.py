@@ -1,0 +1,1 @@
+"""Airflow-facing tasks of the project."""
