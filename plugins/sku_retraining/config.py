@@ -73,6 +73,27 @@ class IntakeConfig:
 
 
 @dataclass(frozen=True)
+class SageMakerConfig:
+    """What the ``sagemaker`` job backend needs; the defaults only make local requests valid."""
+
+    role_arn: str = "arn:aws:iam::000000000000:role/sku-retraining-sagemaker"
+    image_uri: str = "000000000000.dkr.ecr.us-east-1.amazonaws.com/sku-retraining-training:latest"
+    subnets: tuple[str, ...] = ("subnet-00000000000000000",)
+    security_group_ids: tuple[str, ...] = ("sg-00000000000000000",)
+    volume_size_gb: int = 200
+    enable_network_isolation: bool = False
+
+
+@dataclass(frozen=True)
+class LocalJobsConfig:
+    """The ``local`` job backend: processes per job (training runs under torchrun)."""
+
+    train_processes: int = 2
+    augment_processes: int = 1
+    evaluate_processes: int = 1
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     data_bucket: str = "sku-retraining-data"
     model_name: str = "sku-recognition"
@@ -84,6 +105,8 @@ class PipelineConfig:
     fsx: FsxConfig = field(default_factory=FsxConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     intake: IntakeConfig = field(default_factory=IntakeConfig)
+    sagemaker: SageMakerConfig = field(default_factory=SageMakerConfig)
+    local_jobs: LocalJobsConfig = field(default_factory=LocalJobsConfig)
 
     def __post_init__(self) -> None:
         if self.job_backend not in ("local", "sagemaker"):
@@ -142,6 +165,8 @@ def _environment_overrides(environ: dict[str, str]) -> dict[str, Any]:
         overrides["data_bucket"] = environ["SKU_RETRAINING_DATA_BUCKET"]
     if environ.get("SKU_RETRAINING_JOB_BACKEND"):
         overrides["job_backend"] = environ["SKU_RETRAINING_JOB_BACKEND"]
+    # (The S3 endpoint of the local stack reaches the hooks through AIRFLOW_CONN_AWS_DEFAULT's
+    # endpoint_url; SKU_RETRAINING_S3_ENDPOINT_URL is for scripts that use boto3 directly.)
     if environ.get("SKU_RETRAINING_FSX_ROOT"):
         overrides["fsx"] = {"local_root": environ["SKU_RETRAINING_FSX_ROOT"]}
     return overrides

@@ -84,3 +84,15 @@ def batch_id_from_success_key(incoming_prefix: str, key: str) -> str | None:
         return None
     middle = key[len(incoming_prefix) : -len(SUCCESS_MARKER) - 1]
     return middle if "/" not in middle else None
+
+
+def augmented_dir_for(image_path: str) -> str:
+    """``incoming/<batch>/images/<sku>/<file>`` → ``incoming/<batch>/augmented/<sku>``.
+
+    Variants are written next to their batch, under ``augmented/`` instead of ``images/``,
+    so a batch's ``images/`` prefix keeps holding exactly what was uploaded.
+    """
+    parts = image_path.split("/")
+    if len(parts) < 4 or parts[-3] != IMAGES_DIR:
+        raise InvalidIdError(f"{image_path!r} is not a batch image path (.../{IMAGES_DIR}/<sku>/<file>)")
+    return "/".join([*parts[:-3], AUGMENTED_DIR, parts[-2]])

@@ -138,7 +138,8 @@ RETURNING sku_id
 
 # ``u`` comes from the last 8 hex digits of the content hash; the hold-out fill order from
 # the whole hash: both uniform, both the same on any machine. ``skus`` holds each SKU's
-# split counts *before* this batch.
+# split counts *before* this batch; the same statement adds this batch's to them, from the
+# inserted rows themselves (no second scan of images).
 _INSERT_ORIGINALS = """
 WITH ranked AS (
     SELECT v.sha256, v.sku_folder, v.object_key, v.width, v.height, v.n_bytes,
@@ -146,33 +147,36 @@ WITH ranked AS (
            row_number() OVER (PARTITION BY v.sku_folder ORDER BY v.sha256) AS r,
            count(*) OVER (PARTITION BY v.sku_folder) AS n_new
     FROM verdicts v WHERE v.problem_code IS NULL
-)
-INSERT INTO images (sha256, sku_id, batch_id, fsx_path, split, width, height, n_bytes)
-SELECT r.sha256, r.sku_folder, %(batch_id)s, r.object_key,
-       CASE
-         WHEN k.n_originals + r.n_new < %(min_holdout)s THEN 'train'
-         WHEN k.n_test = 0 AND r.r = 1 THEN 'test'
-         WHEN k.n_val = 0 AND r.r = CASE WHEN k.n_test = 0 THEN 2 ELSE 1 END THEN 'val'
-         WHEN r.u < %(train)s THEN 'train'
-         WHEN r.u < %(train)s + %(val)s THEN 'val'
-         ELSE 'test'
-       END,
-       r.width, r.height, r.n_bytes
-FROM ranked r JOIN skus k ON k.sku_id = r.sku_folder
-ORDER BY r.sha256  -- fills the primary-key index in order
-"""
-
-_UPDATE_SKU_COUNTS = """
-UPDATE skus k
-SET n_originals = k.n_originals + c.n, n_val = k.n_val + c.n_val, n_test = k.n_test + c.n_test
-FROM (
+),
+inserted AS (
+    INSERT INTO images (sha256, sku_id, batch_id, fsx_path, split, width, height, n_bytes)
+    SELECT r.sha256, r.sku_folder, %(batch_id)s, r.object_key,
+           CASE
+             WHEN k.n_originals + r.n_new < %(min_holdout)s THEN 'train'
+             WHEN k.n_test = 0 AND r.r = 1 THEN 'test'
+             WHEN k.n_val = 0 AND r.r = CASE WHEN k.n_test = 0 THEN 2 ELSE 1 END THEN 'val'
+             WHEN r.u < %(train)s THEN 'train'
+             WHEN r.u < %(train)s + %(val)s THEN 'val'
+             ELSE 'test'
+           END,
+           r.width, r.height, r.n_bytes
+    FROM ranked r JOIN skus k ON k.sku_id = r.sku_folder
+    ORDER BY r.sha256  -- fills the primary-key index in order
+    RETURNING sku_id, split
+),
+per_sku AS (
     SELECT sku_id, count(*) AS n,
            count(*) FILTER (WHERE split = 'val') AS n_val,
            count(*) FILTER (WHERE split = 'test') AS n_test
-    FROM images WHERE batch_id = %(batch_id)s AND source_sha256 IS NULL
-    GROUP BY sku_id
-) c
-WHERE k.sku_id = c.sku_id
+    FROM inserted GROUP BY sku_id
+),
+counted AS (
+    UPDATE skus k
+    SET n_originals = k.n_originals + c.n, n_val = k.n_val + c.n_val, n_test = k.n_test + c.n_test
+    FROM per_sku c WHERE k.sku_id = c.sku_id
+    RETURNING c.n, c.n_val, c.n_test
+)
+SELECT coalesce(sum(n), 0), coalesce(sum(n_val), 0), coalesce(sum(n_test), 0) FROM counted
 """
 
 
@@ -312,17 +316,15 @@ def register_batch(
                     "val": split.val_fraction,
                 },
             )
-            inserted = cur.rowcount
+            inserted, n_val, n_test = (int(v) for v in cur.fetchone())
             cur.execute("SELECT count(*) FROM verdicts WHERE problem_code IS NULL")
             accepted = cur.fetchone()[0]
             if inserted != accepted:  # every accepted image's SKU must exist: never drop one silently
                 raise RuntimeError(f"batch {batch_id!r}: {accepted} images accepted but {inserted} inserted")
-            cur.execute(_UPDATE_SKU_COUNTS, params)
-            cur.execute(
-                "SELECT split, count(*) FROM images WHERE batch_id = %s GROUP BY 1 ORDER BY 1", (batch_id,)
-            )
-            result.splits = dict(cur.fetchall())
-            result.n_images = sum(result.splits.values())
+            result.splits = {
+                name: n for name, n in (("test", n_test), ("train", inserted - n_val - n_test), ("val", n_val)) if n
+            }
+            result.n_images = inserted
             cur.execute(
                 "UPDATE batches SET n_images = %s, n_quarantined = %s WHERE batch_id = %s",
                 (result.n_images, result.n_quarantined, batch_id),

@@ -12,7 +12,7 @@ class CatalogueHook(PostgresHook):
     """The SKU catalogue (PostgreSQL; RDS in production).
 
     A ``PostgresHook`` whose default connection is ``sku_catalogue``; all catalogue work goes
-    through :meth:`connection`, which hands out a psycopg connection in autocommit mode so
+    through :meth:`open_connection`, which hands out a psycopg connection in autocommit mode so
     every ``conn.transaction()`` block below is a real, self-contained transaction.
 
     :param postgres_conn_id: the Airflow connection of the catalogue database.
@@ -25,7 +25,7 @@ class CatalogueHook(PostgresHook):
         super().__init__(postgres_conn_id=postgres_conn_id, **kwargs)
 
     @contextmanager
-    def connection(self) -> Iterator:
+    def open_connection(self) -> Iterator:
         conn = self.get_conn()
         try:
             conn.autocommit = True
@@ -36,11 +36,11 @@ class CatalogueHook(PostgresHook):
     def migrate(self) -> list[str]:
         from sku_retraining.catalogue.migrations import apply_migrations
 
-        with self.connection() as conn:
+        with self.open_connection() as conn:
             return apply_migrations(conn)
 
     def known_batches(self) -> dict[str, tuple[str, object]]:
         """``batch_id -> (status, marker_last_modified)`` for every batch the catalogue has seen."""
-        with self.connection() as conn, conn.cursor() as cur:
+        with self.open_connection() as conn, conn.cursor() as cur:
             cur.execute("SELECT batch_id, status, marker_last_modified FROM batches")
             return {row[0]: (row[1], row[2]) for row in cur.fetchall()}

@@ -98,7 +98,7 @@ def find_new_batches(
             read_manifest(s3, bucket, BatchLayout(incoming, batch.batch_id))
         except ManifestError as exc:
             result.messages.append(f"{exc} — marked rejected in the catalogue")
-            with catalogue.connection() as conn:
+            with catalogue.open_connection() as conn:
                 record_rejection(
                     conn, batch.batch_id, exc.reason,
                     marker_last_modified=batch.marker_last_modified, run_id=run_id,
@@ -140,12 +140,12 @@ def register_batches(
         except ManifestError as exc:
             log.error("%s", exc)
             if not dry_run:
-                with catalogue.connection() as conn:
+                with catalogue.open_connection() as conn:
                     record_rejection(conn, batch_id, exc.reason, marker_last_modified=marker_time, run_id=run_id)
             results.append(RegistrationResult(batch_id, "rejected", rejection_reason=exc.reason).as_dict())
             continue
         staged = inspect_batch_images(s3, cfg.data_bucket, layout, cfg.intake)
-        with catalogue.connection() as conn:
+        with catalogue.open_connection() as conn:
             result = register_batch(
                 conn, manifest, staged, split=cfg.split, run_id=run_id,
                 marker_last_modified=marker_time, commit=not dry_run,
@@ -193,7 +193,7 @@ def import_batches_to_fsx(batch_ids: list[str], cfg: PipelineConfig | None = Non
         task_id = fsx.import_prefixes_to_aws_fsx(client, cfg.fsx.file_system_id, prefixes)
         log.info("FSx import task %s done for %s", task_id, ", ".join(prefixes))
         return len(prefixes)
-    with catalogue.connection() as conn, conn.cursor() as cur:
+    with catalogue.open_connection() as conn, conn.cursor() as cur:
         cur.execute("SELECT fsx_path FROM images WHERE batch_id = ANY(%s) AND source_sha256 IS NULL", (batch_ids,))
         keys = [row[0] for row in cur.fetchall()]
     written = fsx.import_objects_to_local_fsx(
@@ -214,7 +214,7 @@ def export_manifests(*, run_id: str, batch_ids: list[str], cfg: PipelineConfig |
     cfg = cfg or load_config_from_airflow()
     catalogue, s3 = _hooks(cfg)
     with tempfile.TemporaryDirectory(prefix="manifests-") as tmp:
-        with catalogue.connection() as conn:
+        with catalogue.open_connection() as conn:
             exported = export(conn, Path(tmp))
         if exported.counts["train"] == 0:
             raise ValueError("the catalogue has no train images: nothing to train on")
@@ -237,7 +237,7 @@ def export_manifests(*, run_id: str, batch_ids: list[str], cfg: PipelineConfig |
         "files": exported.files,
         "batch_ids": _normalise_ids(batch_ids),
     }
-    with catalogue.connection() as conn, conn.transaction(), conn.cursor() as cur:
+    with catalogue.open_connection() as conn, conn.transaction(), conn.cursor() as cur:
         cur.execute(
             """INSERT INTO dataset_snapshots (dag_run_id, snapshot_id, batch_ids, num_classes, counts,
                                               manifest_sha256, s3_prefix, fsx_path)
