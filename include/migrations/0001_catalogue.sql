@@ -33,9 +33,10 @@ CREATE TABLE skus (
 );
 
 -- images is the bulk path (4M+ rows, ~200k a month). It is written only by the set-based
--- registration in sku_retraining/catalogue/registration.py, which checks that every row's
--- SKU and batch exist with one anti-join per batch; per-row foreign-key triggers on sku_id
--- and batch_id would cost more than the whole rest of the load (measured: bench/README.md).
+-- registration in sku_retraining/catalogue/ (registration.py, variants.py), whose statements
+-- join every row to its SKU, batch and source image and check the counts, so no per-row
+-- foreign-key trigger runs: those triggers cost more than the rest of the load together
+-- (measured: bench/README.md).
 CREATE TABLE images (
     -- Identifiers use the "C" collation: byte order, stable across servers, and much cheaper
     -- to sort and index than a linguistic locale.
@@ -43,7 +44,7 @@ CREATE TABLE images (
     sku_id          text COLLATE "C" NOT NULL,      -- skus.sku_id (checked set-based, see above)
     batch_id        text COLLATE "C" NOT NULL,      -- batches.batch_id (idem)
     fsx_path        text COLLATE "C" NOT NULL,      -- relative to the FSx mount (= S3 key)
-    source_sha256   text COLLATE "C" REFERENCES images (sha256),  -- set for augmented variants
+    source_sha256   text COLLATE "C",               -- augmented variants: images.sha256 of the source
     split           text NOT NULL CHECK (split IN ('train', 'val', 'test')),
     width           integer,
     height          integer,
