@@ -14,7 +14,11 @@ One run = one retraining. Scheduled at 03:00 UTC on the 1st of every month
    stratified per SKU). One transaction per batch.
 4. **continue_unless_dry_run** — a `dry_run` stops here (registration was rolled back).
 5. **import_batches_to_fsx** — makes the new images visible on FSx for Lustre.
-6. **export_manifests** — train/val/test manifests + `classes.json` to S3 and FSx, recorded
+6. **export_augmentation_inputs** → **augment_on_fsx** → **register_variants** — every train
+   original gets `variants_per_image` augmented variants written next to its batch on FSx
+   (a container job: SageMaker, or the local backend), registered with their source
+   (variants inherit its split: val/test hold originals only).
+7. **export_manifests** — train/val/test manifests + `classes.json` to S3 and FSx, recorded
    as the run's dataset snapshot.
 
 Configuration (bucket, FSx, job backend, ...) is read at run time from
@@ -28,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from sku_retraining.operators.augmentation import FsxAugmentationOperator
 from sku_retraining.sensors.new_batches import NewSkuBatchSensor
 
 SCHEDULE = "0 3 1 * *"  # 03:00 UTC on the 1st of each month: batches land during the month.
@@ -69,6 +74,16 @@ SCHEDULE = "0 3 1 * *"  # 03:00 UTC on the 1st of each month: batches land durin
             title="Dry run",
             description="Inspect and report what registration would do, write nothing, stop there.",
         ),
+        "variants_per_image": Param(
+            4, type="integer", minimum=0, maximum=32, title="Augmented variants per train image",
+        ),
+        "augmentation_instance_type": Param(
+            "ml.c5.18xlarge", type="string", pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$",
+            title="Augmentation instance type (sagemaker backend)",
+        ),
+        "augmentation_instance_count": Param(
+            1, type="integer", minimum=1, maximum=20, title="Augmentation instances (sagemaker backend)",
+        ),
     },
 )
 def sku_retraining():
@@ -109,6 +124,18 @@ def sku_retraining():
         return import_batches_to_fsx(batch_ids)
 
     @task
+    def export_augmentation_inputs() -> dict:
+        from sku_retraining.tasks.augmentation import export_augmentation_inputs
+
+        return export_augmentation_inputs(variants_per_image=get_current_context()["params"]["variants_per_image"])
+
+    @task
+    def register_variants(job_result: dict) -> dict:
+        from sku_retraining.tasks.augmentation import register_augmentation_output
+
+        return register_augmentation_output(job_result)
+
+    @task
     def export_manifests(batch_ids: list[str]) -> dict:
         from sku_retraining.tasks.intake import export_manifests
 
@@ -118,10 +145,19 @@ def sku_retraining():
     registered = register_batches(wait_for_new_batches.output)
     proceed = continue_unless_dry_run(registered)
     imported = import_batches_to_fsx(wait_for_new_batches.output)
+    augment_inputs = export_augmentation_inputs()
+    augment = FsxAugmentationOperator(
+        task_id="augment_on_fsx",
+        augment_inputs=augment_inputs,
+        instance_type="{{ params.augmentation_instance_type }}",
+        instance_count="{{ params.augmentation_instance_count }}",
+    )
+    variants = register_variants(augment.output)
     manifests = export_manifests(wait_for_new_batches.output)
 
     migrated >> wait_for_new_batches
-    proceed >> imported >> manifests
+    proceed >> imported >> augment_inputs
+    variants >> manifests
 
 
 sku_retraining()

@@ -65,26 +65,27 @@ def test_intake_task_order(dag_bag):
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda p: p.name)
 def test_dag_file_parse_is_fast_and_light(dag_file):
     """Parse in a fresh interpreter: time it (after Airflow itself is imported, as the DAG
-    processor does), and check no heavy or networked module is imported."""
-    code = f"""
+    processor does), and check no heavy module is imported. (boto3 is allowed: the amazon
+    provider's operator modules import it, as in every DAG that uses them.)"""
+    code = """
 import sys, time, importlib.util
 import airflow.sdk  # the DAG processor has this loaded already
-heavy_before = {{m for m in sys.modules}}
+before = set(sys.modules)
 t = time.perf_counter()
-spec = importlib.util.spec_from_file_location("dag_under_test", {str(dag_file)!r})
+spec = importlib.util.spec_from_file_location("dag_under_test", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 elapsed = time.perf_counter() - t
-new = set(sys.modules) - heavy_before
-banned = sorted(m for m in new if m.split(".")[0] in ("torch", "torchvision", "sagemaker", "psycopg", "psycopg2", "boto3", "botocore", "PIL", "numpy"))
-print(f"{{elapsed:.4f}} {{','.join(banned)}}")
+banned = {"torch", "torchvision", "sagemaker", "psycopg", "psycopg2", "PIL", "numpy", "jsonschema"}
+loaded = sorted({m.split(".")[0] for m in set(sys.modules) - before} & banned)
+print(f"{elapsed:.4f} {','.join(loaded)}")
 """
     env = {"PYTHONPATH": str(ROOT / "plugins"), "PATH": "/usr/bin:/bin", "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
     import os
 
     env["AIRFLOW_HOME"] = os.environ.get("AIRFLOW_HOME", "/tmp")
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code, str(dag_file)], capture_output=True, text=True, env=env, check=True).stdout
     elapsed, _, banned = out.strip().splitlines()[-1].partition(" ")
     print(f"\n{dag_file.name}: parsed in {float(elapsed) * 1000:.0f} ms "
           f"(interpreter + Airflow import {time.perf_counter() - started:.1f} s)")

@@ -160,6 +160,18 @@ def _input_shape():
     return model.operation_model("CreateTrainingJob").input_shape
 
 
+@cache
+def _compiled(pattern: str | None) -> re.Pattern | None:
+    """The model's patterns are Java regexes; the few Python cannot read (``\\p{...}``
+    classes) are left to the service to check."""
+    if not pattern or pattern == ".*":
+        return None
+    try:
+        return re.compile(pattern, flags=re.DOTALL)
+    except re.error:
+        return None
+
+
 def _walk_constraints(shape, value: Any, path: str, errors: list[str]) -> None:
     """Check the model's enums and patterns, which botocore's ParamValidator leaves out."""
     kind = shape.type_name
@@ -177,9 +189,9 @@ def _walk_constraints(shape, value: Any, path: str, errors: list[str]) -> None:
     elif kind == "string" and isinstance(value, str):
         if shape.enum and value not in shape.enum:
             errors.append(f"{path}: {value!r} is not one of the allowed values ({len(shape.enum)} allowed)")
-        pattern = shape.metadata.get("pattern")
-        if pattern and pattern != ".*" and not re.fullmatch(pattern, value, flags=re.DOTALL):
-            errors.append(f"{path}: {value!r} does not match the pattern {pattern}")
+        pattern = _compiled(shape.metadata.get("pattern"))
+        if pattern is not None and not pattern.fullmatch(value):
+            errors.append(f"{path}: {value!r} does not match the pattern {pattern.pattern}")
 
 
 def validate_request(request: Mapping[str, Any], *, fsx_mount_name: str | None = None) -> None:

@@ -1,0 +1,88 @@
+"""The metric lines ``train.py`` prints and the regexes that read them back.
+
+Torch-free on purpose: the Airflow side loads this file by path to build the SageMaker
+``MetricDefinitions`` (CloudWatch) and to parse the local backend's log with the very same
+regexes, so the two can never drift apart.
+
+Per epoch (one line, fixed key order)::
+
+    METRIC epoch=3 train_loss=1.2345 val_loss=0.9876 val_top1=0.8123 val_top5=0.9712 lr=0.012500 images_per_sec=812.3
+
+Once at the end, for the best model on the test split::
+
+    METRIC final best_epoch=3 best_val_top1=0.8123 test_top1=0.8050 test_top5=0.9688
+"""
+
+from __future__ import annotations
+
+import re
+
+METRIC_PREFIX = "METRIC"
+
+# Numbers are printed with fixed decimals (never exponent notation) so these stay simple.
+_NUM = r"([0-9]+(?:\.[0-9]+)?)"
+# Not anchored at the line start: under mpirun (SMDDP) SageMaker prefixes every line with
+# ``[1,mpirank:0,algo-1]<stdout>:``.
+_EPOCH = rf"{METRIC_PREFIX} epoch=[0-9]+.*"
+_FINAL = rf"{METRIC_PREFIX} final.*"
+
+# Each key is matched after a space so that ``val_top1`` never matches ``best_val_top1``.
+METRIC_DEFINITIONS: list[dict[str, str]] = [
+    {"Name": "epoch", "Regex": rf"{METRIC_PREFIX} epoch=([0-9]+) "},
+    {"Name": "train:loss", "Regex": rf"{_EPOCH} train_loss={_NUM}"},
+    {"Name": "validation:loss", "Regex": rf"{_EPOCH} val_loss={_NUM}"},
+    {"Name": "validation:top1", "Regex": rf"{_EPOCH} val_top1={_NUM}"},
+    {"Name": "validation:top5", "Regex": rf"{_EPOCH} val_top5={_NUM}"},
+    {"Name": "train:lr", "Regex": rf"{_EPOCH} lr={_NUM}"},
+    {"Name": "train:images_per_sec", "Regex": rf"{_EPOCH} images_per_sec={_NUM}"},
+    {"Name": "best:validation:top1", "Regex": rf"{_FINAL} best_val_top1={_NUM}"},
+    {"Name": "test:top1", "Regex": rf"{_FINAL} test_top1={_NUM}"},
+    {"Name": "test:top5", "Regex": rf"{_FINAL} test_top5={_NUM}"},
+]
+
+EPOCH_KEYS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_sec")
+FINAL_KEYS = ("best_epoch", "best_val_top1", "test_top1", "test_top5")
+
+
+def _fmt(value: float, decimals: int) -> str:
+    # A NaN/inf loss prints as "nan"/"inf": the regexes then simply do not match that line.
+    return f"{float(value):.{decimals}f}"
+
+
+def format_epoch_line(
+    epoch: int,
+    train_loss: float,
+    val_loss: float,
+    val_top1: float,
+    val_top5: float,
+    lr: float,
+    images_per_sec: float,
+) -> str:
+    """The one per-epoch line that ``METRIC_DEFINITIONS`` match."""
+    return (
+        f"{METRIC_PREFIX} epoch={int(epoch)} train_loss={_fmt(train_loss, 4)} val_loss={_fmt(val_loss, 4)} "
+        f"val_top1={_fmt(val_top1, 4)} val_top5={_fmt(val_top5, 4)} lr={_fmt(lr, 6)} "
+        f"images_per_sec={_fmt(images_per_sec, 1)}"
+    )
+
+
+def format_final_line(best_epoch: int, best_val_top1: float, test_top1: float, test_top5: float) -> str:
+    """The end-of-job line (best epoch and its test-split accuracy)."""
+    return (
+        f"{METRIC_PREFIX} final best_epoch={int(best_epoch)} best_val_top1={_fmt(best_val_top1, 4)} "
+        f"test_top1={_fmt(test_top1, 4)} test_top5={_fmt(test_top5, 4)}"
+    )
+
+
+def parse_metric_lines(text: str) -> dict[str, list[float]]:
+    """Apply ``METRIC_DEFINITIONS`` to a log, line by line, as CloudWatch would."""
+    compiled = [(d["Name"], re.compile(d["Regex"])) for d in METRIC_DEFINITIONS]
+    found: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        if METRIC_PREFIX not in line:
+            continue
+        for name, rx in compiled:
+            m = rx.search(line)
+            if m:
+                found.setdefault(name, []).append(float(m.group(1)))
+    return found
