@@ -82,6 +82,13 @@ class SageMakerConfig:
     security_group_ids: tuple[str, ...] = ("sg-00000000000000000",)
     volume_size_gb: int = 200
     enable_network_isolation: bool = False
+    # ImageNet weights baked into the training image at build time (see training_image/Dockerfile).
+    pretrained_weights_path: str = "/opt/ml/code/weights/resnet152-imagenet.pth"
+    evaluation_instance_type: str = "ml.g5.2xlarge"
+    # Production training: resnet152 at 224 px (the local backend overrides, see LocalJobsConfig).
+    train_arch: str = "resnet152"
+    train_image_size: int = 224
+    train_epochs: int = 10
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,13 @@ class LocalJobsConfig:
     train_processes: int = 2
     augment_processes: int = 1
     evaluate_processes: int = 1
+    # A small backbone and image size keep a CPU run in minutes (resnet152 @ 224 px: ~5 s/step).
+    train_arch: str = "resnet18"
+    train_image_size: int = 64
+    train_epochs: int = 4
+    train_batch_size: int = 32
+    # Optional ImageNet weights file for the local arch; random init when empty.
+    pretrained_weights_path: str = ""
 
 
 @dataclass(frozen=True)

@@ -48,10 +48,12 @@ def _export_split(cur, split: str, path: Path) -> tuple[str, int]:
     return digest.hexdigest(), max(0, lines - 1)
 
 
-def export_manifests(conn, directory: Path) -> ExportedManifests:
+def export_manifests(conn, directory: Path, extra_files: dict[str, bytes] | None = None) -> ExportedManifests:
     """Write ``train.csv``, ``val.csv``, ``test.csv`` and ``classes.json`` into ``directory``.
 
     Runs in one REPEATABLE READ transaction so the four files describe one catalogue state.
+    ``extra_files`` (e.g. the evaluation context) are written beside them and are part of
+    the snapshot id.
     """
     directory.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
@@ -69,6 +71,9 @@ def export_manifests(conn, directory: Path) -> ExportedManifests:
     payload = json.dumps({"num_classes": len(classes), "classes": classes}, indent=1).encode() + b"\n"
     (directory / CLASSES_FILE).write_bytes(payload)
     files[CLASSES_FILE] = hashlib.sha256(payload).hexdigest()
+    for name, data in (extra_files or {}).items():
+        (directory / name).write_bytes(data)
+        files[name] = hashlib.sha256(data).hexdigest()
     snapshot_id = "ds-" + hashlib.sha256(
         "".join(f"{name}:{digest}\n" for name, digest in sorted(files.items())).encode()
     ).hexdigest()[:16]

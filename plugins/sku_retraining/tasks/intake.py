@@ -19,6 +19,8 @@ from sku_retraining.layout import BatchLayout
 
 log = logging.getLogger(__name__)
 
+EVALUATION_CONTEXT_FILE = "evaluation_context.json"
+
 
 @dataclass
 class NewBatches:
@@ -213,9 +215,19 @@ def export_manifests(*, run_id: str, batch_ids: list[str], cfg: PipelineConfig |
 
     cfg = cfg or load_config_from_airflow()
     catalogue, s3 = _hooks(cfg)
+    batch_ids = _normalise_ids(batch_ids)
     with tempfile.TemporaryDirectory(prefix="manifests-") as tmp:
         with catalogue.open_connection() as conn:
-            exported = export(conn, Path(tmp))
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT sku_id FROM skus WHERE first_batch_id = ANY(%s) ORDER BY sku_id", (batch_ids,)
+                )
+                new_sku_ids = [row[0] for row in cur.fetchall()]
+            # What the evaluation job needs to know about this run (which SKUs are new).
+            context = {"batch_ids": batch_ids, "new_sku_ids": new_sku_ids}
+            exported = export(
+                conn, Path(tmp), extra_files={EVALUATION_CONTEXT_FILE: (json.dumps(context, indent=1) + "\n").encode()}
+            )
         if exported.counts["train"] == 0:
             raise ValueError("the catalogue has no train images: nothing to train on")
         relative = f"{cfg.prefixes.datasets}{exported.snapshot_id}/"
@@ -235,7 +247,8 @@ def export_manifests(*, run_id: str, batch_ids: list[str], cfg: PipelineConfig |
         "counts": exported.counts,
         "num_classes": exported.num_classes,
         "files": exported.files,
-        "batch_ids": _normalise_ids(batch_ids),
+        "batch_ids": batch_ids,
+        "new_sku_ids": new_sku_ids,
     }
     with catalogue.open_connection() as conn, conn.transaction(), conn.cursor() as cur:
         cur.execute(

@@ -1,0 +1,88 @@
+"""After the evaluation job: publish its report, hand the headline numbers to the branch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from sku_retraining.config import PipelineConfig, load_config_from_airflow
+from sku_retraining.gates import EvaluationError
+
+log = logging.getLogger(__name__)
+
+EVALUATION_FILE = "evaluation.json"
+REPORT_FILE = "report.html"
+# Kept out of the XCom (12,000 SKUs make them megabytes); they stay in evaluation.json.
+_BULKY_KEYS = ("per_sku", "worst_skus", "confused_pairs")
+
+
+def output_archive_uri(description: dict) -> str:
+    """Where SageMaker (and the local backend) put a job's ``SM_OUTPUT_DATA_DIR``."""
+    base = description["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+    return f"{base}/{description['TrainingJobName']}/output/output.tar.gz"
+
+
+def headline(evaluation: dict) -> dict:
+    """evaluation.json without the per-SKU tables: what the gates and the summary need."""
+    compact = {k: v for k, v in evaluation.items() if k not in ("challenger", "champion")}
+    for side in ("challenger", "champion"):
+        model = evaluation.get(side)
+        compact[side] = None if model is None else {k: v for k, v in model.items() if k not in _BULKY_KEYS}
+    return compact
+
+
+def collect_evaluation(job_result: dict, *, cfg: PipelineConfig | None = None) -> dict:
+    """Download the evaluation job's output, publish the report, return the headline.
+
+    :raises EvaluationError: the job produced no readable ``evaluation.json``.
+    """
+    from sku_retraining.tasks.intake import _hooks
+
+    cfg = cfg or load_config_from_airflow()
+    _, s3 = _hooks(cfg)
+    description = (job_result or {}).get("Training")
+    if not description:
+        raise EvaluationError("the evaluation task returned no job description")
+    job_name = description["TrainingJobName"]
+    archive_uri = output_archive_uri(description)
+    bucket, key = s3.parse_s3_url(archive_uri)
+    report_prefix = f"{cfg.prefixes.jobs}evaluate/{job_name}/report/"
+    with tempfile.TemporaryDirectory(prefix="evaluation-") as tmp:
+        archive = Path(tmp) / "output.tar.gz"
+        try:
+            s3.get_conn().download_file(bucket, key, str(archive))
+        except Exception as exc:  # noqa: BLE001 - re-raised with where it looked
+            raise EvaluationError(f"cannot read the evaluation job's output {archive_uri}: {exc}") from exc
+        out = Path(tmp) / "out"
+        with tarfile.open(archive) as tar:
+            tar.extractall(out, filter="data")
+        evaluation_path = out / EVALUATION_FILE
+        if not evaluation_path.is_file():
+            raise EvaluationError(f"evaluation job {job_name} wrote no {EVALUATION_FILE} ({archive_uri})")
+        try:
+            evaluation = json.loads(evaluation_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise EvaluationError(f"{EVALUATION_FILE} of {job_name} is not valid JSON: {exc}") from None
+        for path in sorted(p for p in out.rglob("*") if p.is_file()):
+            s3.load_file(path, key=report_prefix + str(path.relative_to(out)), bucket_name=cfg.data_bucket,
+                         replace=True)
+        local_report = None
+        if cfg.job_backend == "local":
+            target = cfg.fsx.local_path().parent / "reports" / job_name
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(out, target)
+            local_report = str(target / REPORT_FILE)
+    report_uri = f"s3://{cfg.data_bucket}/{report_prefix}{REPORT_FILE}"
+    log.info("Evaluation report: %s%s", report_uri, f"  (local copy: {local_report})" if local_report else "")
+    return {
+        "evaluation": headline(evaluation),
+        "evaluation_s3_uri": f"s3://{cfg.data_bucket}/{report_prefix}{EVALUATION_FILE}",
+        "report_s3_prefix": f"s3://{cfg.data_bucket}/{report_prefix}",
+        "report_s3_uri": report_uri,
+        "report_local_path": local_report,
+        "evaluation_job": job_name,
+    }
