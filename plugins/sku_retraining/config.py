@@ -108,6 +108,12 @@ class LocalJobsConfig:
 
 
 @dataclass(frozen=True)
+class NotificationsConfig:
+    # SNS topic told about every promotion and rejection; empty = no notifications.
+    sns_topic_arn: str = ""
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     data_bucket: str = "sku-retraining-data"
     model_name: str = "sku-recognition"
@@ -121,6 +127,7 @@ class PipelineConfig:
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     sagemaker: SageMakerConfig = field(default_factory=SageMakerConfig)
     local_jobs: LocalJobsConfig = field(default_factory=LocalJobsConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
 
     def __post_init__(self) -> None:
         if self.job_backend not in ("local", "sagemaker"):

@@ -63,7 +63,7 @@ def test_intake_task_order(dag_bag):
 
 
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda p: p.name)
-def test_dag_file_parse_is_fast_and_light(dag_file):
+def test_dag_file_parse_is_light(dag_file):
     """Parse in a fresh interpreter: time it (after Airflow itself is imported, as the DAG
     processor does), and check no heavy module is imported. (boto3 is allowed: the amazon
     provider's operator modules import it, as in every DAG that uses them.)"""
@@ -90,4 +90,4 @@ print(f"{elapsed:.4f} {','.join(loaded)}")
     print(f"\n{dag_file.name}: parsed in {float(elapsed) * 1000:.0f} ms "
           f"(interpreter + Airflow import {time.perf_counter() - started:.1f} s)")
     assert banned == "", f"{dag_file.name} imports {banned} at parse time"
-    assert float(elapsed) < 0.5, f"{dag_file.name} took {elapsed} s to parse"
+    # The time is printed, not asserted: speed is measured by bench/, never by timed tests.
