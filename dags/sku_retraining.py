@@ -20,6 +20,15 @@ One run = one retraining. Scheduled at 03:00 UTC on the 1st of every month
    (variants inherit its split: val/test hold originals only).
 7. **export_manifests** — train/val/test manifests + `classes.json` to S3 and FSx, recorded
    as the run's dataset snapshot.
+8. **train_model** — the SMDDP ResNet152 job (`SageMakerTrainingOperator` subclass): FSx
+   channel, VPC, checkpoints (spot-safe), warm start from the production model with the head
+   widened for new SKUs. A retried task re-attaches to its job; killing it stops the job.
+9. **evaluate_model** → **collect_evaluation** — challenger and champion scored on the same
+   test split; `evaluation.json` and an HTML report (its S3 URI is in the task log).
+10. **decide** (branch) — the gates (`min_top1`, `min_new_sku_top1`,
+    `max_old_sku_regression`; `force_promote` overrides) in one table in the log →
+    **promote_model** (versioned, verified, then `production.json` rewritten; emits the
+    production-model Asset) or **reject_model** (reasons recorded) → **finish**.
 
 Configuration (bucket, FSx, job backend, ...) is read at run time from
 `include/config/default.json`, `$SKU_RETRAINING_CONFIG` and the Variable
@@ -30,9 +39,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 
+from sku_retraining.assets import production_model_asset
 from sku_retraining.operators.augmentation import FsxAugmentationOperator
+from sku_retraining.operators.evaluation import SkuEvaluationOperator
+from sku_retraining.operators.training import SkuTrainingOperator
 from sku_retraining.sensors.new_batches import NewSkuBatchSensor
 
 SCHEDULE = "0 3 1 * *"  # 03:00 UTC on the 1st of each month: batches land during the month.
@@ -84,6 +96,35 @@ SCHEDULE = "0 3 1 * *"  # 03:00 UTC on the 1st of each month: batches land durin
         "augmentation_instance_count": Param(
             1, type="integer", minimum=1, maximum=20, title="Augmentation instances (sagemaker backend)",
         ),
+        "train_instance_type": Param(
+            "ml.p4d.24xlarge", type="string", enum=["ml.p4d.24xlarge", "ml.p4de.24xlarge"],
+            title="Training instance type (SMDDP)",
+        ),
+        "train_instance_count": Param(2, type="integer", minimum=1, maximum=16, title="Training instances"),
+        "epochs": Param(
+            None, type=["null", "integer"], minimum=1, maximum=200,
+            title="Epochs", description="Empty: the backend's default from configuration.",
+        ),
+        "per_gpu_batch_size": Param(64, type="integer", minimum=1, maximum=1024, title="Images per GPU and step"),
+        "learning_rate": Param(
+            0.1, type="number", exclusiveMinimum=0, maximum=10,
+            title="Base learning rate", description="For a global batch of 256; scaled with the real global batch.",
+        ),
+        "warm_start": Param(True, type="boolean", title="Warm start from the production model"),
+        "replay_fraction": Param(
+            1.0, type="number", minimum=0, maximum=1,
+            title="Replay fraction", description="With warm start: share of old SKUs' train images to train on.",
+        ),
+        "use_spot": Param(False, type="boolean", title="Managed spot training"),
+        "max_wait_hours": Param(48, type="number", minimum=1, maximum=672, title="Spot: max wait (hours)"),
+        "enable_network_isolation": Param(None, type=["null", "boolean"], title="EnableNetworkIsolation"),
+        "min_top1": Param(0.80, type="number", minimum=0, maximum=1, title="Gate: minimum overall top-1"),
+        "min_new_sku_top1": Param(0.70, type="number", minimum=0, maximum=1, title="Gate: minimum new-SKU top-1"),
+        "max_old_sku_regression": Param(
+            0.01, type="number", minimum=0, maximum=1,
+            title="Gate: maximum old-SKU top-1 regression vs the champion",
+        ),
+        "force_promote": Param(False, type="boolean", title="Promote even if a gate fails (recorded)"),
     },
 )
 def sku_retraining():
@@ -141,6 +182,52 @@ def sku_retraining():
 
         return export_manifests(run_id=get_current_context()["run_id"], batch_ids=batch_ids)
 
+    @task
+    def read_production_pointer() -> dict:
+        from sku_retraining.tasks.decision import read_production_pointer
+
+        return read_production_pointer()
+
+    @task
+    def collect_evaluation(job_result: dict) -> dict:
+        from sku_retraining.tasks.evaluation import collect_evaluation
+
+        return collect_evaluation(job_result)
+
+    @task.branch
+    def decide(evaluation: dict) -> str:
+        from sku_retraining.tasks.decision import decide_promotion
+
+        context = get_current_context()
+        decision = decide_promotion(evaluation, params=context["params"])
+        context["ti"].xcom_push(key="decision", value=decision)
+        return "promote_model" if decision["promote"] else "reject_model"
+
+    @task(outlets=[production_model_asset()])
+    def promote_model(snapshot: dict, training: dict, evaluation: dict) -> dict:
+        from sku_retraining.tasks.decision import promote_challenger
+
+        context = get_current_context()
+        decision = context["ti"].xcom_pull(task_ids="decide", key="decision")
+        return promote_challenger(
+            run_id=context["run_id"], snapshot=snapshot, training=training, evaluation=evaluation,
+            decision=decision,
+        )
+
+    @task
+    def reject_model(evaluation: dict) -> dict:
+        from sku_retraining.tasks.decision import reject_challenger
+
+        context = get_current_context()
+        decision = context["ti"].xcom_pull(task_ids="decide", key="decision")
+        return reject_challenger(run_id=context["run_id"], evaluation=evaluation, decision=decision)
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    def finish(evaluation: dict) -> dict:
+        from sku_retraining.tasks.decision import summarise_run
+
+        return summarise_run(run_id=get_current_context()["run_id"], evaluation=evaluation)
+
     migrated = migrate_catalogue()
     registered = register_batches(wait_for_new_batches.output)
     proceed = continue_unless_dry_run(registered)
@@ -155,9 +242,36 @@ def sku_retraining():
     variants = register_variants(augment.output)
     manifests = export_manifests(wait_for_new_batches.output)
 
+    production = read_production_pointer()
+    train = SkuTrainingOperator(
+        task_id="train_model",
+        snapshot=manifests,
+        production=production,
+        instance_type="{{ params.train_instance_type }}",
+        instance_count="{{ params.train_instance_count }}",
+        epochs="{{ params.epochs }}",
+        batch_size="{{ params.per_gpu_batch_size }}",
+        learning_rate="{{ params.learning_rate }}",
+        warm_start="{{ params.warm_start }}",
+        replay_fraction="{{ params.replay_fraction }}",
+        use_spot="{{ params.use_spot }}",
+        max_wait_hours="{{ params.max_wait_hours }}",
+        network_isolation="{{ params.enable_network_isolation }}",
+    )
+    evaluate = SkuEvaluationOperator(
+        task_id="evaluate_model", training=train.output, snapshot=manifests, production=production,
+    )
+    evaluation = collect_evaluation(evaluate.output)
+    branch = decide(evaluation)
+    promoted = promote_model(manifests, train.output, evaluation)
+    rejected = reject_model(evaluation)
+    done = finish(evaluation)
+
     migrated >> wait_for_new_batches
     proceed >> imported >> augment_inputs
     variants >> manifests
+    manifests >> production
+    branch >> [promoted, rejected] >> done
 
 
 sku_retraining()

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -49,10 +48,12 @@ from sku_jobs.model import (
     ARCHS,
     DEFAULT_FREEZE,
     SkuNet,
+    UnsafeArchiveError,
     atomic_torch_save,
     build_model,
     cosine_warmup_lambda,
     count_parameters,
+    extract_model_archive,
     freeze_backbone,
     load_backbone_weights,
     model_from_artifact,
@@ -210,14 +211,10 @@ def _unpack_model_channel(path: Path) -> Path:
     archive = path / "model.tar.gz"
     if archive.is_file():
         out = Path(tempfile.mkdtemp(prefix="warm-start-"))
-        with tarfile.open(archive) as tar:
-            try:
-                tar.extractall(out, filter="data")  # refuses absolute paths, "..", devices
-            except TypeError:  # Python < 3.11.4 has no filter: check the names ourselves
-                if any(m.name.startswith("/") or ".." in Path(m.name).parts or not (m.isfile() or m.isdir())
-                       for m in tar.getmembers()):
-                    raise InputError(f"{archive}: unsafe member in archive") from None
-                tar.extractall(out)  # noqa: S202 - members checked above
+        try:
+            extract_model_archive(archive, out)
+        except UnsafeArchiveError as exc:
+            raise InputError(str(exc)) from None
         if (out / "model.pt").is_file():
             return out / "model.pt"
     raise InputError(f"input channel 'model' ({path}) has no model.pt (nor a model.tar.gz holding one)")

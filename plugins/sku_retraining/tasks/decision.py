@@ -15,11 +15,13 @@ from sku_retraining.config import PipelineConfig, load_config_from_airflow
 log = logging.getLogger(__name__)
 
 
-def read_production_pointer(cfg: PipelineConfig | None = None) -> dict | None:
+def read_production_pointer(cfg: PipelineConfig | None = None) -> dict:
+    """The production pointer, or ``{}`` before the first promotion (an empty dict rather than
+    ``None``: a task returning ``None`` pushes no XCom, and its consumers would log errors)."""
     from sku_retraining.tasks.promotion import read_production
 
-    pointer = read_production(cfg)
-    if pointer is None:
+    pointer = read_production(cfg) or {}
+    if not pointer:
         log.info("No production model yet: this run trains from scratch and has no champion")
     else:
         log.info("Production model: v%04d (%s), promoted %s by %s", pointer["version"], pointer["model_uri"],

@@ -35,7 +35,6 @@ import os
 import random
 import sys
 import time
-import uuid
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -270,15 +269,19 @@ def decode_scale_needed(params_list: Iterable[dict], width: int, height: int, ma
 
 
 def render_variant(img: Image.Image, params: dict, orig_size: tuple[int, int], max_side: int,
-                   means: Sequence[float], fill: tuple[int, int, int]) -> Image.Image:
+                   means: Sequence[float], fill: tuple[int, int, int],
+                   resample: Image.Resampling = Image.Resampling.BILINEAR) -> Image.Image:
     """One variant from the decoded (possibly draft-reduced) RGB source."""
-    out = warp(img, params, orig_size, max_side, fill)
+    out = warp(img, params, orig_size, max_side, fill, resample)
     return out.convert("RGB", colour_matrix(params, means))
 
 
 def warp(img: Image.Image, params: dict, orig_size: tuple[int, int], max_side: int,
-         fill: tuple[int, int, int]) -> Image.Image:
-    """Crop, rotation, flip, perspective (and blur) in one resampling pass."""
+         fill: tuple[int, int, int], resample: Image.Resampling = Image.Resampling.BILINEAR) -> Image.Image:
+    """Crop, rotation, flip, perspective (and blur) in one resampling pass.
+
+    The job always resamples bilinearly; ``resample`` exists for the benchmark's comparison.
+    """
     width, height = orig_size
     size = output_size(params, width, height, max_side)
     sx, sy = img.width / width, img.height / height
@@ -302,8 +305,7 @@ def warp(img: Image.Image, params: dict, orig_size: tuple[int, int], max_side: i
 
     perspective = params["perspective"] is not None
     method = Image.Transform.PERSPECTIVE if perspective else Image.Transform.AFFINE
-    return src.transform(size, method, transform_data(quad, size, perspective),
-                         Image.Resampling.BILINEAR, fillcolor=fill)
+    return src.transform(size, method, transform_data(quad, size, perspective), resample, fillcolor=fill)
 
 
 def encode_jpeg(img: Image.Image, quality: int) -> bytes:
@@ -323,7 +325,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """
     path = os.fspath(path)
     head, tail = os.path.split(path)
-    tmp = os.path.join(head, f".{tail}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = os.path.join(head, f".{tail}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)

@@ -86,3 +86,66 @@ def parse_metric_lines(text: str) -> dict[str, list[float]]:
             if m:
                 found.setdefault(name, []).append(float(m.group(1)))
     return found
+
+
+# --------------------------------------------------------------------------- evaluation job
+#
+# ``evaluate.py`` prints one line once the challenger (and the champion, if any) are scored::
+#
+#     METRIC evaluation challenger_top1=0.8123 challenger_top5=0.9650 challenger_macro_accuracy=0.8011
+#       challenger_new_sku_top1=0.7400 challenger_old_sku_top1=0.8200 champion_top1=0.8250
+#       champion_old_sku_top1=0.8250 old_sku_top1_delta=-0.0050 top1_delta_on_known=-0.0040
+#
+# (one line, wrapped here). A value that does not exist (no champion, no new SKUs) prints as
+# ``n/a``, which the regexes do not match, so CloudWatch / the local backend record nothing.
+
+EVALUATION_KEYS = (
+    "challenger_top1",
+    "challenger_top5",
+    "challenger_macro_accuracy",
+    "challenger_new_sku_top1",
+    "challenger_old_sku_top1",
+    "champion_top1",
+    "champion_old_sku_top1",
+    "old_sku_top1_delta",
+    "top1_delta_on_known",
+)
+_SIGNED = r"(-?[0-9]+(?:\.[0-9]+)?)"  # deltas are negative when the challenger is worse
+_EVALUATION = rf"{METRIC_PREFIX} evaluation.*"
+
+# As above, each key is matched after a space: ``challenger_top1`` never matches inside
+# ``champion_top1`` or ``challenger_old_sku_top1``.
+EVALUATION_METRIC_DEFINITIONS: list[dict[str, str]] = [
+    {"Name": "evaluation:challenger:top1", "Regex": rf"{_EVALUATION} challenger_top1={_NUM}"},
+    {"Name": "evaluation:challenger:top5", "Regex": rf"{_EVALUATION} challenger_top5={_NUM}"},
+    {"Name": "evaluation:challenger:macro_accuracy", "Regex": rf"{_EVALUATION} challenger_macro_accuracy={_NUM}"},
+    {"Name": "evaluation:challenger:new_sku_top1", "Regex": rf"{_EVALUATION} challenger_new_sku_top1={_NUM}"},
+    {"Name": "evaluation:challenger:old_sku_top1", "Regex": rf"{_EVALUATION} challenger_old_sku_top1={_NUM}"},
+    {"Name": "evaluation:champion:top1", "Regex": rf"{_EVALUATION} champion_top1={_NUM}"},
+    {"Name": "evaluation:champion:old_sku_top1", "Regex": rf"{_EVALUATION} champion_old_sku_top1={_NUM}"},
+    {"Name": "evaluation:old_sku_top1_delta", "Regex": rf"{_EVALUATION} old_sku_top1_delta={_SIGNED}"},
+    {"Name": "evaluation:top1_delta_on_known", "Regex": rf"{_EVALUATION} top1_delta_on_known={_SIGNED}"},
+]
+
+
+def format_evaluation_line(values: dict[str, float | None]) -> str:
+    """The evaluation job's metric line: ``EVALUATION_KEYS`` in order, 4 decimals, ``n/a`` for None."""
+    parts = []
+    for key in EVALUATION_KEYS:
+        value = values.get(key)
+        parts.append(f"{key}={'n/a' if value is None else _fmt(value, 4)}")
+    return f"{METRIC_PREFIX} evaluation " + " ".join(parts)
+
+
+def parse_evaluation_metric_lines(text: str) -> dict[str, list[float]]:
+    """Apply ``EVALUATION_METRIC_DEFINITIONS`` to a log, line by line, as CloudWatch would."""
+    compiled = [(d["Name"], re.compile(d["Regex"])) for d in EVALUATION_METRIC_DEFINITIONS]
+    found: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        if METRIC_PREFIX not in line:
+            continue
+        for name, rx in compiled:
+            m = rx.search(line)
+            if m:
+                found.setdefault(name, []).append(float(m.group(1)))
+    return found

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import tarfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -221,6 +222,28 @@ def load_model_artifact(path: str | os.PathLike, freeze: Iterable[str] = ()) -> 
     model = model_from_artifact(art, freeze).eval()
     meta = {k: v for k, v in art.items() if k != "state_dict"}
     return model, meta
+
+
+class UnsafeArchiveError(ValueError):
+    """A member of a model archive would land outside the target folder, or is not a plain file/dir."""
+
+
+def extract_model_archive(archive: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Extract a ``model.tar.gz`` into ``out``, refusing absolute paths, "..", links out and devices.
+
+    The archive comes from S3, so it is untrusted input. Python >= 3.11.4 has tarfile's
+    ``data`` filter (raises ``tarfile.FilterError``); older ones get the same checks by hand.
+    """
+    archive, out = Path(archive), Path(out)
+    with tarfile.open(archive) as tar:
+        try:
+            tar.extractall(out, filter="data")  # refuses absolute paths, "..", devices
+        except TypeError:  # Python < 3.11.4 has no filter: check the names ourselves
+            if any(m.name.startswith("/") or ".." in Path(m.name).parts or not (m.isfile() or m.isdir())
+                   for m in tar.getmembers()):
+                raise UnsafeArchiveError(f"{archive}: unsafe member in archive") from None
+            tar.extractall(out)  # noqa: S202 - members checked above
+    return out
 
 
 # --------------------------------------------------------------------------- warm start
