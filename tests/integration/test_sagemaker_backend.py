@@ -19,7 +19,8 @@ from sku_retraining.operators.evaluation import SkuEvaluationOperator
 from sku_retraining.operators.training import SkuTrainingOperator
 
 RUN_ID = "scheduled__2026-12-01T03:00:00+00:00"
-SNAPSHOT = {"s3_uri": "s3://sku-retraining-data/datasets/ds-0123456789abcdef/", "num_classes": 12}
+SNAPSHOT = {"s3_uri": "s3://sku-retraining-data/datasets/ds-0123456789abcdef/", "num_classes": 12,
+            "snapshot_id": "ds-0123456789abcdef"}
 PRODUCTION = {"version": 1, "model_uri": "s3://sku-retraining-data/models/sku-recognition/v0001/model.tar.gz"}
 
 

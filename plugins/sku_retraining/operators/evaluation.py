@@ -66,6 +66,8 @@ class SkuEvaluationOperator(SkuSageMakerJobOperator):
             cfg, context, job_name=job_name, program="evaluate.py",
             instance_type=str(self.instance_type or cfg.sagemaker.evaluation_instance_type),
             channels=tuple(channels),
+            # The context file is part of the snapshot's content address, so it cannot name it.
+            hyperparameters={"snapshot_id": self.snapshot["snapshot_id"]},
             max_runtime_seconds=6 * 3600,
             metric_definitions=evaluation_metric_definitions(),
         )
