@@ -71,11 +71,12 @@ CREATE TEMP TABLE stage_skus (
 ) ON COMMIT DROP;
 """
 
-# One pass decides every staged object's fate. Precedence: inspection problem, unknown SKU
-# folder, same content under two SKUs (in this batch or vs the catalogue), duplicate content.
-# Content seen twice in one batch is rare: find it with a cheap hash aggregate first.
+# One pass decides which staged objects are held back, and why. Precedence: inspection
+# problem, unknown SKU folder, same content under two SKUs (in this batch or vs the
+# catalogue), duplicate content. Only those rows are written (the common case is a handful
+# out of ~200k); content seen twice in one batch is found with a hash aggregate first.
 _CLASSIFY = """
-CREATE TEMP TABLE verdicts ON COMMIT DROP AS
+CREATE TEMP TABLE problems ON COMMIT DROP AS
 WITH valid AS (
     SELECT s.sha256, s.object_key, s.sku_folder
     FROM stage_images s JOIN stage_skus m ON m.sku_id = s.sku_folder
@@ -89,36 +90,47 @@ repeated AS (
     FROM valid v
     WHERE v.sha256 IN (SELECT sha256 FROM valid GROUP BY sha256 HAVING count(*) > 1)
     GROUP BY v.sha256
+),
+candidates AS (
+    SELECT s.object_key, s.sku_folder, s.sha256,
+           CASE
+             WHEN s.problem_code IS NOT NULL THEN s.problem_code
+             WHEN m.sku_id IS NULL THEN 'unknown_sku'
+             WHEN d.label_conflict THEN 'conflicting_labels'
+             WHEN i.sku_id IS NOT NULL AND i.sku_id <> s.sku_folder THEN 'conflicting_labels'
+             WHEN i.sku_id IS NOT NULL THEN 'duplicate'
+             WHEN d.first_key <> s.object_key THEN 'duplicate'
+           END AS problem_code,
+           CASE
+             WHEN s.problem_code IS NOT NULL THEN s.problem_detail
+             WHEN m.sku_id IS NULL THEN format('folder %%s is not a SKU listed in manifest.json', s.sku_folder)
+             WHEN d.label_conflict THEN
+                  format('the same image content is labelled as several SKUs in this batch (%%s)', d.labels)
+             WHEN i.sku_id IS NOT NULL AND i.sku_id <> s.sku_folder THEN
+                  format('the same image content is already registered as SKU %%s (%%s)', i.sku_id, i.fsx_path)
+             WHEN i.sku_id IS NOT NULL THEN format('same content already registered at %%s', i.fsx_path)
+             WHEN d.first_key <> s.object_key THEN format('same content as %%s in this batch', d.first_key)
+           END AS problem_detail
+    FROM stage_images s
+    LEFT JOIN stage_skus m ON m.sku_id = s.sku_folder
+    LEFT JOIN repeated d ON d.sha256 = s.sha256
+    LEFT JOIN images i ON i.sha256 = s.sha256
+    WHERE s.problem_code IS NOT NULL OR m.sku_id IS NULL OR d.sha256 IS NOT NULL OR i.sha256 IS NOT NULL
 )
-SELECT s.object_key, s.sku_folder, s.sha256, s.n_bytes, s.width, s.height,
-       CASE
-         WHEN s.problem_code IS NOT NULL THEN s.problem_code
-         WHEN m.sku_id IS NULL THEN 'unknown_sku'
-         WHEN d.label_conflict THEN 'conflicting_labels'
-         WHEN i.sku_id IS NOT NULL AND i.sku_id <> s.sku_folder THEN 'conflicting_labels'
-         WHEN i.sku_id IS NOT NULL THEN 'duplicate'
-         WHEN d.first_key <> s.object_key THEN 'duplicate'
-       END AS problem_code,
-       CASE
-         WHEN s.problem_code IS NOT NULL THEN s.problem_detail
-         WHEN m.sku_id IS NULL THEN format('folder %%s is not a SKU listed in manifest.json', s.sku_folder)
-         WHEN d.label_conflict THEN
-              format('the same image content is labelled as several SKUs in this batch (%%s)', d.labels)
-         WHEN i.sku_id IS NOT NULL AND i.sku_id <> s.sku_folder THEN
-              format('the same image content is already registered as SKU %%s (%%s)', i.sku_id, i.fsx_path)
-         WHEN i.sku_id IS NOT NULL THEN format('same content already registered at %%s', i.fsx_path)
-         WHEN d.first_key <> s.object_key THEN format('same content as %%s in this batch', d.first_key)
-       END AS problem_detail
-FROM stage_images s
-LEFT JOIN stage_skus m ON m.sku_id = s.sku_folder
-LEFT JOIN repeated d ON d.sha256 = s.sha256
-LEFT JOIN images i ON i.sha256 = s.sha256;
+SELECT * FROM candidates WHERE problem_code IS NOT NULL;
+"""
+
+# The staged objects that go in: everything not held back.
+_ACCEPTED = """
+    FROM stage_images s
+    WHERE s.problem_code IS NULL
+      AND NOT EXISTS (SELECT 1 FROM problems p WHERE p.object_key = s.object_key)
 """
 
 _QUARANTINE = """
 INSERT INTO quarantine (batch_id, object_key, sha256, sku_id, reason_code, reason)
 SELECT %(batch_id)s, object_key, sha256, sku_folder, problem_code, problem_detail
-FROM verdicts WHERE problem_code IS NOT NULL
+FROM problems
 """
 
 # New SKUs (with at least one accepted image) get the next class indices, in sku_id order.
@@ -131,7 +143,7 @@ SELECT m.sku_id,
        m.name, m.brand, m.category, %(batch_id)s
 FROM stage_skus m
 WHERE NOT EXISTS (SELECT 1 FROM skus k WHERE k.sku_id = m.sku_id)
-  AND EXISTS (SELECT 1 FROM verdicts v WHERE v.sku_folder = m.sku_id AND v.problem_code IS NULL)
+  AND m.sku_id IN (SELECT DISTINCT s.sku_folder """ + _ACCEPTED + """)
 ORDER BY m.sku_id
 RETURNING sku_id
 """
@@ -142,11 +154,11 @@ RETURNING sku_id
 # inserted rows themselves (no second scan of images).
 _INSERT_ORIGINALS = """
 WITH ranked AS (
-    SELECT v.sha256, v.sku_folder, v.object_key, v.width, v.height, v.n_bytes,
-           ('x' || substr(v.sha256, 57, 8))::bit(32)::bigint / 4294967296.0 AS u,
-           row_number() OVER (PARTITION BY v.sku_folder ORDER BY v.sha256) AS r,
-           count(*) OVER (PARTITION BY v.sku_folder) AS n_new
-    FROM verdicts v WHERE v.problem_code IS NULL
+    SELECT s.sha256, s.sku_folder, s.object_key, s.width, s.height, s.n_bytes,
+           ('x' || substr(s.sha256, 57, 8))::bit(32)::bigint / 4294967296.0 AS u,
+           row_number() OVER (PARTITION BY s.sku_folder ORDER BY s.sha256) AS r,
+           count(*) OVER (PARTITION BY s.sku_folder) AS n_new
+    """ + _ACCEPTED + """
 ),
 inserted AS (
     INSERT INTO images (sha256, sku_id, batch_id, fsx_path, split, width, height, n_bytes)
@@ -298,10 +310,7 @@ def register_batch(
             cur.execute(_CLASSIFY, {})
             params = {"batch_id": batch_id}
             cur.execute(_QUARANTINE, params)
-            cur.execute(
-                "SELECT problem_code, count(*) FROM verdicts WHERE problem_code IS NOT NULL "
-                "GROUP BY 1 ORDER BY 1"
-            )
+            cur.execute("SELECT problem_code, count(*) FROM problems GROUP BY 1 ORDER BY 1")
             result.quarantine_by_reason = dict(cur.fetchall())
             result.n_quarantined = sum(result.quarantine_by_reason.values())
             cur.execute(_LOCK_SKUS)
@@ -317,8 +326,7 @@ def register_batch(
                 },
             )
             inserted, n_val, n_test = (int(v) for v in cur.fetchone())
-            cur.execute("SELECT count(*) FROM verdicts WHERE problem_code IS NULL")
-            accepted = cur.fetchone()[0]
+            accepted = n_staged - result.n_quarantined
             if inserted != accepted:  # every accepted image's SKU must exist: never drop one silently
                 raise RuntimeError(f"batch {batch_id!r}: {accepted} images accepted but {inserted} inserted")
             result.splits = {
