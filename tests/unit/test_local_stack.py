@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,6 +162,10 @@ def test_moto_server_start_put_get_stop(tmp_path: Path) -> None:
 
         server.stop()
         assert not pid_alive(pid)
+        # The listening socket can outlive the process for a moment (the kernel closes it).
+        deadline = time.monotonic() + 5
+        while not port_is_free(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert port_is_free(port)
         assert not server.answers()
     finally:

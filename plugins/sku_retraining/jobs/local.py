@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sku_retraining.jobs.request import PROGRAM_HP
+from sku_retraining.jobs.request import PROGRAM_HP, job_output_uri
 
 LOCAL_HOST = "algo-1"
 STATUS_FILE = "job.json"
@@ -319,15 +319,13 @@ class LocalJobRunner:
         return f"the entry point exited with code {returncode} and wrote no failure file"
 
     def _upload_outputs(self, request: Mapping[str, Any], paths: dict[str, Path]) -> str:
-        name = request["TrainingJobName"]
-        bucket, prefix = _split_s3_uri(request["OutputDataConfig"]["S3OutputPath"].rstrip("/") + "/")
-        base = f"{prefix}{name}/output/"
         staging = paths["root"] / "_packed"
         staging.mkdir(exist_ok=True)
         for folder, archive in ((paths["model"], "model.tar.gz"), (paths["output_data"], "output.tar.gz")):
             _tar_directory(folder, staging / archive)
-            self.s3_client.upload_file(str(staging / archive), bucket, base + archive)
-        uri = f"s3://{bucket}/{base}model.tar.gz"
+            bucket, key = _split_s3_uri(job_output_uri(request, archive))
+            self.s3_client.upload_file(str(staging / archive), bucket, key)
+        uri = job_output_uri(request, "model.tar.gz")
         self.log(f"Uploaded model artefacts to {uri}")
         return uri
 

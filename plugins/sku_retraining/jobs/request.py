@@ -79,6 +79,13 @@ class JobSpec:
     metric_definitions: tuple[Mapping[str, str], ...] = ()
 
 
+def job_output_uri(description: Mapping[str, Any], archive: str = "output.tar.gz") -> str:
+    """Where SageMaker (and the local backend) put a finished job's ``model.tar.gz`` /
+    ``output.tar.gz``: ``<S3OutputPath>/<job name>/output/<archive>``."""
+    base = description["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+    return f"{base}/{description['TrainingJobName']}/output/{archive}"
+
+
 def _hp_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

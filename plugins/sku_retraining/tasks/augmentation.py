@@ -24,10 +24,10 @@ def export_augmentation_inputs(*, variants_per_image: int, cfg: PipelineConfig |
     :return: ``{"s3_uri": <prefix>, "count": n, "variants_per_image": N}``.
     """
     from sku_retraining.catalogue.variants import AUGMENT_INPUT_COLUMNS, originals_needing_variants
-    from sku_retraining.tasks.intake import _hooks
+    from sku_retraining.tasks.hooks import pipeline_hooks
 
     cfg = cfg or load_config_from_airflow()
-    catalogue, s3 = _hooks(cfg)
+    catalogue, s3 = pipeline_hooks(cfg)
     with catalogue.open_connection() as conn:
         originals = originals_needing_variants(conn, variants_per_image)
     buffer = io.StringIO()
@@ -45,23 +45,19 @@ def export_augmentation_inputs(*, variants_per_image: int, cfg: PipelineConfig |
             "variants_per_image": variants_per_image}
 
 
-def _output_archive_uri(description: dict) -> str:
-    base = description["OutputDataConfig"]["S3OutputPath"].rstrip("/")
-    return f"{base}/{description['TrainingJobName']}/output/output.tar.gz"
-
-
 def register_augmentation_output(job_result: dict | None, *, cfg: PipelineConfig | None = None) -> dict:
     """Register the variants listed in the job's ``output.tar.gz``; log what it skipped."""
     from sku_retraining.catalogue.variants import VariantRow, parse_params, register_variants
-    from sku_retraining.tasks.intake import _hooks
+    from sku_retraining.jobs.request import job_output_uri
+    from sku_retraining.tasks.hooks import pipeline_hooks
 
     description = (job_result or {}).get("Training")
     if not description:
         log.info("No augmentation job ran (nothing to augment)")
         return {"reported": 0, "inserted": 0, "already_registered": 0, "skipped": 0}
     cfg = cfg or load_config_from_airflow()
-    catalogue, s3 = _hooks(cfg)
-    bucket, key = s3.parse_s3_url(_output_archive_uri(description))
+    catalogue, s3 = pipeline_hooks(cfg)
+    bucket, key = s3.parse_s3_url(job_output_uri(description))
     rows: list[VariantRow] = []
     skipped: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,12 +20,6 @@ REPORT_FILE = "report.html"
 _BULKY_KEYS = ("per_sku", "worst_skus", "confused_pairs")
 
 
-def output_archive_uri(description: dict) -> str:
-    """Where SageMaker (and the local backend) put a job's ``SM_OUTPUT_DATA_DIR``."""
-    base = description["OutputDataConfig"]["S3OutputPath"].rstrip("/")
-    return f"{base}/{description['TrainingJobName']}/output/output.tar.gz"
-
-
 def headline(evaluation: dict) -> dict:
     """evaluation.json without the per-SKU tables: what the gates and the summary need."""
     compact = {k: v for k, v in evaluation.items() if k not in ("challenger", "champion")}
@@ -40,15 +34,16 @@ def collect_evaluation(job_result: dict, *, cfg: PipelineConfig | None = None) -
 
     :raises EvaluationError: the job produced no readable ``evaluation.json``.
     """
-    from sku_retraining.tasks.intake import _hooks
+    from sku_retraining.jobs.request import job_output_uri
+    from sku_retraining.tasks.hooks import pipeline_hooks
 
     cfg = cfg or load_config_from_airflow()
-    _, s3 = _hooks(cfg)
+    _, s3 = pipeline_hooks(cfg)
     description = (job_result or {}).get("Training")
     if not description:
         raise EvaluationError("the evaluation task returned no job description")
     job_name = description["TrainingJobName"]
-    archive_uri = output_archive_uri(description)
+    archive_uri = job_output_uri(description)
     bucket, key = s3.parse_s3_url(archive_uri)
     report_prefix = f"{cfg.prefixes.jobs}evaluate/{job_name}/report/"
     with tempfile.TemporaryDirectory(prefix="evaluation-") as tmp:

@@ -16,6 +16,7 @@ from pathlib import Path
 from sku_retraining.config import PipelineConfig, load_config_from_airflow
 from sku_retraining.ids import InvalidIdError, check_id
 from sku_retraining.layout import BatchLayout
+from sku_retraining.tasks.hooks import pipeline_hooks
 
 log = logging.getLogger(__name__)
 
@@ -26,17 +27,6 @@ EVALUATION_CONTEXT_FILE = "evaluation_context.json"
 class NewBatches:
     batch_ids: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
-
-
-def _hooks(cfg: PipelineConfig, catalogue_conn_id: str | None = None, aws_conn_id: str | None = None):
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-    from sku_retraining.hooks.catalogue import CatalogueHook
-
-    return (
-        CatalogueHook(postgres_conn_id=catalogue_conn_id or cfg.catalogue_conn_id),
-        S3Hook(aws_conn_id=aws_conn_id or cfg.aws_conn_id),
-    )
 
 
 def _normalise_ids(value: list[str] | str | None) -> list[str]:
@@ -63,7 +53,7 @@ def find_new_batches(
     from sku_retraining.manifest import ManifestError
 
     cfg = cfg or load_config_from_airflow()
-    catalogue, s3 = _hooks(cfg, catalogue_conn_id, aws_conn_id)
+    catalogue, s3 = pipeline_hooks(cfg, catalogue_conn_id, aws_conn_id)
     bucket, incoming = cfg.data_bucket, cfg.prefixes.incoming
     result = NewBatches()
 
@@ -112,7 +102,7 @@ def find_new_batches(
 
 def migrate_catalogue(cfg: PipelineConfig | None = None) -> list[str]:
     cfg = cfg or load_config_from_airflow()
-    catalogue, _ = _hooks(cfg)
+    catalogue, _ = pipeline_hooks(cfg)
     applied = catalogue.migrate()
     log.info("Catalogue migrations applied: %s", ", ".join(applied) if applied else "none (up to date)")
     return applied
@@ -131,7 +121,7 @@ def register_batches(
     from sku_retraining.manifest import ManifestError
 
     cfg = cfg or load_config_from_airflow()
-    catalogue, s3 = _hooks(cfg)
+    catalogue, s3 = pipeline_hooks(cfg)
     results: list[dict] = []
     for batch_id in _normalise_ids(batch_ids):
         layout = BatchLayout(cfg.prefixes.incoming, batch_id)
@@ -183,7 +173,7 @@ def import_batches_to_fsx(batch_ids: list[str], cfg: PipelineConfig | None = Non
     from sku_retraining import fsx
 
     cfg = cfg or load_config_from_airflow()
-    catalogue, s3 = _hooks(cfg)
+    catalogue, s3 = pipeline_hooks(cfg)
     batch_ids = _normalise_ids(batch_ids)
     if not batch_ids:
         return 0
@@ -214,7 +204,7 @@ def export_manifests(*, run_id: str, batch_ids: list[str], cfg: PipelineConfig |
     from sku_retraining.catalogue.export import export_manifests as export
 
     cfg = cfg or load_config_from_airflow()
-    catalogue, s3 = _hooks(cfg)
+    catalogue, s3 = pipeline_hooks(cfg)
     batch_ids = _normalise_ids(batch_ids)
     with tempfile.TemporaryDirectory(prefix="manifests-") as tmp:
         with catalogue.open_connection() as conn:

@@ -36,9 +36,9 @@ def _clients(cfg: PipelineConfig):
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
     from botocore.config import Config
 
-    from sku_retraining.tasks.intake import _hooks
+    from sku_retraining.tasks.hooks import pipeline_hooks
 
-    catalogue, _ = _hooks(cfg)
+    catalogue, _ = pipeline_hooks(cfg)
     # Every object is verified by its own SHA-256 here; the SDK's optional CRC check on reads
     # adds nothing and trips on S3 emulators that misreport the checksum of a server-side
     # copy of a multipart object.
