@@ -99,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dsn:
         dsn = args.dsn
     else:
-        from sku_retraining.local_stack import PostgresServer
+        from sku_retraining.local_stack import PostgresServer, reachable_data_dir
 
-        server = PostgresServer(Path(tempfile.mkdtemp(prefix="bench-pg-")) / "pgdata")
+        scratch = Path(tempfile.mkdtemp(prefix="bench-pg-"))
+        server = PostgresServer(reachable_data_dir(scratch / "pgdata", key=str(scratch)))
         server.start()
         dsn = server.dsn
     split = SplitConfig()

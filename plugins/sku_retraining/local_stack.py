@@ -601,6 +601,9 @@ class PostgresServer:
             options += ["-k", str(self.data_dir)]
         else:
             options += ["-k", ""]  # path too long for a Unix socket: TCP only
+        # The catalogue is loaded in bulk (a month is ~200k image rows in one transaction):
+        # room for the WAL between checkpoints, as an RDS parameter group would give it.
+        options += ["-c", "max_wal_size=4GB"]
         if not self.fsync:
             options += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         return options

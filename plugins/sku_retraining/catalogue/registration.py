@@ -262,7 +262,7 @@ def register_batch(
                 return result
 
             # Sorts and hashes of a whole batch fit in memory instead of spilling to disk.
-            cur.execute("SET LOCAL work_mem = '256MB'")
+            cur.execute("SET LOCAL work_mem = '512MB'")
             cur.execute(_STAGE_DDL)
             _copy_rows(
                 cur,
