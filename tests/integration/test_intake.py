@@ -6,6 +6,8 @@ rest of the batch goes through, nothing is lost, and every task is idempotent.
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
@@ -140,6 +142,9 @@ def test_empty_batch_is_rejected_and_a_fixed_reupload_is_picked_up(cfg, db, s3_c
     assert result["status"] == "rejected" and "empty batch" in result["rejection_reason"]
     assert intake.find_new_batches(cfg=cfg).batch_ids == []
 
+    # S3's LastModified has one-second resolution: a corrected re-upload is recognised by a
+    # newer _SUCCESS marker, so it must land in a later second than the rejected one.
+    time.sleep(1.1)
     upload(s3_client, generate_batch("b-empty", make_skus(2), 3, seed=1))  # marker rewritten last
     assert intake.find_new_batches(cfg=cfg).batch_ids == ["b-empty"]
     [result] = intake.register_batches(["b-empty"], run_id="r2", cfg=cfg)
