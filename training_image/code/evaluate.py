@@ -34,6 +34,7 @@ from sku_jobs.data import (
     InputError,
     ManifestDataset,
     Sample,
+    channel_dir,
     eval_resize,
     eval_transform,
     load_classes,
@@ -122,16 +123,6 @@ def default_workers() -> int:
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def channel_dir(env: JobEnv, name: str, required: bool) -> Path | None:
-    path = env.channel(name)
-    if path is None or not path.exists():
-        if required:
-            where = f" (expected at {path})" if path else ""
-            raise InputError(f"missing input channel {name!r}{where}; set SM_CHANNEL_{name.upper()}")
-        return None
-    return path
 
 
 def locate_model(channel: str, path: Path, workdir: Path) -> Path:

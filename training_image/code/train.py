@@ -35,6 +35,7 @@ from sku_jobs.data import (
     ManifestDataset,
     Sample,
     ShardSampler,
+    channel_dir,
     eval_resize,
     eval_transform,
     load_classes,
@@ -194,16 +195,6 @@ def parse_args(argv: list[str] | None, env: JobEnv) -> argparse.Namespace:
 # --------------------------------------------------------------------------- inputs
 
 
-def _channel_dir(env: JobEnv, name: str, required: bool) -> Path | None:
-    path = env.channel(name)
-    if path is None or not path.exists():
-        if required:
-            where = f" (expected at {path})" if path else ""
-            raise InputError(f"missing input channel {name!r}{where}; set SM_CHANNEL_{name.upper()}")
-        return None
-    return path
-
-
 def _unpack_model_channel(path: Path) -> Path:
     """The ``model`` channel is the extracted model.tar.gz; accept the archive too."""
     if (path / "model.pt").is_file():
@@ -226,7 +217,7 @@ def _weights_file(args: argparse.Namespace, env: JobEnv) -> Path | None:
         if not path.is_file():
             raise InputError(f"--pretrained-weights {path} does not exist (weights are never downloaded)")
         return path
-    channel = _channel_dir(env, "weights", required=False)
+    channel = channel_dir(env, "weights", required=False)
     if channel is None:
         return None
     if channel.is_file():
@@ -241,8 +232,8 @@ class Inputs:
     """Everything the job reads, checked before any process group exists (fast, clear failures)."""
 
     def __init__(self, args: argparse.Namespace, env: JobEnv) -> None:
-        manifests = _channel_dir(env, "manifests", required=True)
-        self.images = _channel_dir(env, "images", required=True)
+        manifests = channel_dir(env, "manifests", required=True)
+        self.images = channel_dir(env, "images", required=True)
         self.classes_file = manifests / "classes.json"
         self.classes = load_classes(self.classes_file)
         n = len(self.classes)
@@ -254,7 +245,7 @@ class Inputs:
             raise InputError(f"{manifests / 'train.csv'} has no rows: empty train set, nothing to train on")
         if not self.val:
             raise InputError(f"{manifests / 'val.csv'} has no rows: cannot select the best model")
-        model_channel = _channel_dir(env, "model", required=False) if args.warm_start else None
+        model_channel = channel_dir(env, "model", required=False) if args.warm_start else None
         self.warm_model = _unpack_model_channel(model_channel) if model_channel else None
         self.weights = None if self.warm_model else _weights_file(args, env)
         digest = hashlib.sha256()

@@ -36,6 +36,18 @@ class InputError(ValueError):
     """The job's inputs break the contract (missing file, bad manifest, class mismatch)."""
 
 
+def channel_dir(env, name: str, required: bool) -> Path | None:
+    """The folder of input channel ``name`` (a :class:`sku_jobs.sm_env.JobEnv`), or ``None``
+    when an optional one is absent. :raises InputError: a required channel is missing."""
+    path = env.channel(name)
+    if path is None or not path.exists():
+        if required:
+            where = f" (expected at {path})" if path else ""
+            raise InputError(f"missing input channel {name!r}{where}; set SM_CHANNEL_{name.upper()}")
+        return None
+    return path
+
+
 @dataclass(frozen=True)
 class Sample:
     """One manifest row."""
