@@ -12,14 +12,16 @@ Variants
     ``<images>/<output_dir>/<source stem>__v<kk>.jpg`` for k in 1..N, byte-identical on any
     host and run: every random number comes from ``random.Random(sha256(f"{sha}:{k}:{seed}"))``.
 
-Library choice (measured by ``bench/augment_bench.py`` on 512x512 JPEGs, 1 core of an AMD EPYC,
-Pillow 13 / torchvision 0.29, 4 variants per source; see bench/README.md for the full table):
-the PIL-only path below renders a variant in ~4.3 ms, torchvision.transforms.v2 functional ops on
-PIL images with the same parameters take ~10.4 ms (2.4x slower). The PIL path is also the more
-faithful one (PSNR vs a single-pass bicubic reference: 43.9 dB vs 38.2 dB), because it folds
-crop + rotation + flip + perspective into ONE resampling pass and brightness + contrast +
-saturation + white balance into ONE colour-matrix pass, while the torchvision chain resamples
-and clips once per op and its PIL gaussian_blur round-trips through a tensor.
+Library choice (measured by ``bench/augment_bench.py``: 50 sources x 4 variants, 512x512 q90
+JPEGs, 1 core of a 2-vCPU AMD EPYC VM, Pillow 13.0 / torchvision 0.29; see bench/README.md):
+rendering one variant with the PIL-only code below takes 6.7-11.8 ms, torchvision.transforms.v2
+functional ops on PIL images with the same parameters 16.4-21.1 ms (1.8-2.8x slower, over 5 runs
+on a shared VM), so the job uses PIL only. Quality is at least equal: PSNR against a single-pass
+bicubic reference is 42.8 dB vs 42.0 dB for the geometry and 43.4 dB vs 40.0 dB for the whole
+pipeline, because crop + rotation + flip + perspective are ONE resampling pass here and
+white balance + brightness + contrast + saturation ONE colour-matrix pass, while the torchvision
+chain resamples and clips once per op (and its gaussian_blur on PIL goes through a tensor).
+It also keeps torch (a 4-8 s import) out of the spawned workers.
 """
 
 from __future__ import annotations
