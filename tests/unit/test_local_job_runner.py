@@ -169,13 +169,16 @@ def test_stop_kills_the_job_and_its_children(setup):
     thread = threading.Thread(target=run)
     thread.start()
     pids_file = runner.work_root / "sku-test-job" / "ml" / "model" / "pids"
-    deadline = time.monotonic() + 30
-    while not pids_file.exists() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while not (pids_file.exists() and pids_file.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.1)
     parent, child = (int(p) for p in pids_file.read_text().split())
     runner.stop()
     thread.join(timeout=30)
     assert isinstance(errors[0], LocalJobError) and "stopped" in str(errors[0])
+    deadline = time.monotonic() + 10  # the kernel may take a moment to tear a process down
+    while any(pid_alive(p) for p in (parent, child)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     for pid in (parent, child):
         assert not pid_alive(pid), f"process {pid} survived stop()"
     assert runner.describe("sku-test-job")["TrainingJobStatus"] == "Stopped"
