@@ -119,6 +119,15 @@ def pg_dsn(postgres_server: PostgresServer) -> Iterator[str]:
 
 
 @pytest.fixture
+def db(pg_dsn: str) -> Iterator[Any]:
+    """An autocommit psycopg connection to the test's database, for reading what tasks wrote."""
+    import psycopg
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
 def catalogue_conn_env(pg_dsn: str, postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> str:
     """Points Airflow connection ``sku_catalogue`` (``AIRFLOW_CONN_SKU_CATALOGUE``) at this
     test's database; returns the conn id."""

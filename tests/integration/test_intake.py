@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 
-import psycopg
 import pytest
 
 from sku_retraining.config import load_config
@@ -42,16 +41,8 @@ def cfg(catalogue_conn_env, s3_endpoint, fsx_root):
     return config
 
 
-@pytest.fixture
-def db(pg_dsn):
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        yield conn
-
-
 def rows(db, query, *args):
-    with db.cursor() as cur:
-        cur.execute(query, args)
-        return cur.fetchall()
+    return db.execute(query, args).fetchall()
 
 
 def state(db) -> dict:

@@ -34,16 +34,8 @@ def cfg(catalogue_conn_env, s3_endpoint, fsx_root, pg_dsn):
     return load_config()
 
 
-@pytest.fixture
-def db(pg_dsn):
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        yield conn
-
-
 def rows(db, query, *args):
-    with db.cursor() as cur:
-        cur.execute(query, args)
-        return cur.fetchall()
+    return db.execute(query, args).fetchall()
 
 
 def db_state(db) -> dict:

@@ -27,6 +27,14 @@ from sku_retraining.local_stack import (
 )
 
 
+def port_freed(port: int, seconds: float = 5.0) -> bool:
+    """Whether ``port`` is free within ``seconds``: a listening socket can outlive its
+    process for a moment while the kernel closes it."""
+    deadline = time.monotonic() + seconds
+    while not port_is_free(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return port_is_free(port)
+
 def _query(dsn: str, statement: str) -> tuple:
     conn = psycopg2.connect(dsn)
     try:
@@ -112,7 +120,7 @@ def test_postgres_server_start_query_stop(pg_data_dir: Path) -> None:
         server.stop()
         assert not server.is_running()
         assert not pid_alive(pid, "postgres")
-        assert port_is_free(port)
+        assert port_freed(port)
         server.stop()  # idempotent
 
         # Restart on a port of our choosing, on the existing cluster (no second initdb).
@@ -150,7 +158,7 @@ def test_moto_server_start_put_get_stop(tmp_path: Path) -> None:
     try:
         server.start()
         pid, port = server.pid, server.port
-        assert pid is not None
+        assert pid is not None and pid_alive(pid)
         s3 = _s3(server.endpoint_url)
         s3.create_bucket(Bucket="scratch")
         s3.put_object(Bucket="scratch", Key="k/v.txt", Body=b"payload")
@@ -161,11 +169,7 @@ def test_moto_server_start_put_get_stop(tmp_path: Path) -> None:
 
         server.stop()
         assert not pid_alive(pid)
-        # The listening socket can outlive the process for a moment (the kernel closes it).
-        deadline = time.monotonic() + 5
-        while not port_is_free(port) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert port_is_free(port)
+        assert port_freed(port)
         assert not server.answers()
     finally:
         server.stop()

@@ -74,9 +74,9 @@ def format_final_line(best_epoch: int, best_val_top1: float, test_top1: float, t
     )
 
 
-def parse_metric_lines(text: str) -> dict[str, list[float]]:
-    """Apply ``METRIC_DEFINITIONS`` to a log, line by line, as CloudWatch would."""
-    compiled = [(d["Name"], re.compile(d["Regex"])) for d in METRIC_DEFINITIONS]
+def _parse(definitions: list[dict[str, str]], text: str) -> dict[str, list[float]]:
+    """Apply ``definitions`` to a log, line by line, as CloudWatch would."""
+    compiled = [(d["Name"], re.compile(d["Regex"])) for d in definitions]
     found: dict[str, list[float]] = {}
     for line in text.splitlines():
         if METRIC_PREFIX not in line:
@@ -86,6 +86,11 @@ def parse_metric_lines(text: str) -> dict[str, list[float]]:
             if m:
                 found.setdefault(name, []).append(float(m.group(1)))
     return found
+
+
+def parse_metric_lines(text: str) -> dict[str, list[float]]:
+    """Apply ``METRIC_DEFINITIONS`` to a log, line by line, as CloudWatch would."""
+    return _parse(METRIC_DEFINITIONS, text)
 
 
 # --------------------------------------------------------------------------- evaluation job
@@ -139,13 +144,4 @@ def format_evaluation_line(values: dict[str, float | None]) -> str:
 
 def parse_evaluation_metric_lines(text: str) -> dict[str, list[float]]:
     """Apply ``EVALUATION_METRIC_DEFINITIONS`` to a log, line by line, as CloudWatch would."""
-    compiled = [(d["Name"], re.compile(d["Regex"])) for d in EVALUATION_METRIC_DEFINITIONS]
-    found: dict[str, list[float]] = {}
-    for line in text.splitlines():
-        if METRIC_PREFIX not in line:
-            continue
-        for name, rx in compiled:
-            m = rx.search(line)
-            if m:
-                found.setdefault(name, []).append(float(m.group(1)))
-    return found
+    return _parse(EVALUATION_METRIC_DEFINITIONS, text)
