@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from sku_retraining.config import PipelineConfig
 from sku_retraining.operators.sagemaker_job import SkuSageMakerJobOperator
+from sku_retraining.templated import as_bool
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -92,7 +93,7 @@ class SkuTrainingOperator(SkuSageMakerJobOperator):
             "epochs": int(self.epochs) if self.epochs not in (None, "", "None") else defaults.train_epochs,
             "batch_size": cfg.local_jobs.train_batch_size if local else int(self.batch_size),
             "lr": float(self.learning_rate),
-            "warm_start": _bool(self.warm_start),
+            "warm_start": as_bool(self.warm_start),
             "replay_fraction": float(self.replay_fraction),
         }
         weights = cfg.local_jobs.pretrained_weights_path if local else cfg.sagemaker.pretrained_weights_path
@@ -103,7 +104,7 @@ class SkuTrainingOperator(SkuSageMakerJobOperator):
             Channel("manifests", "s3", self.snapshot["s3_uri"]),
         ]
         production = self.production or None
-        if _bool(self.warm_start) and production:
+        if as_bool(self.warm_start) and production:
             channels.append(Channel("model", "s3", production["model_uri"]))
             self.log.info("Warm start from production v%04d (%s)", production["version"], production["model_uri"])
         ti = context["ti"]
@@ -112,9 +113,9 @@ class SkuTrainingOperator(SkuSageMakerJobOperator):
         instance_count = int(self.instance_count)
         network_isolation = (
             cfg.sagemaker.enable_network_isolation if self.network_isolation in (None, "", "None")
-            else _bool(self.network_isolation)
+            else as_bool(self.network_isolation)
         )
-        use_spot = _bool(self.use_spot)
+        use_spot = as_bool(self.use_spot)
         max_wait = int(float(self.max_wait_hours) * 3600)
         spec = base_job_spec(
             cfg, context, job_name=job_name, program="train.py",
@@ -131,9 +132,3 @@ class SkuTrainingOperator(SkuSageMakerJobOperator):
             metric_definitions=training_metric_definitions(),
         )
         return build_request(spec)
-
-
-def _bool(value: object) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes")
-    return bool(value)

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
+from sku_retraining.templated import as_bool
+
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
@@ -60,12 +62,8 @@ class NewSkuBatchSensor(BaseSensorOperator):
         if result.batch_ids:
             self.log.info("New batches: %s", ", ".join(result.batch_ids))
             return PokeReturnValue(is_done=True, xcom_value=result.batch_ids)
-        if _truthy(self.force_retrain):
+        if as_bool(self.force_retrain):
             self.log.info("No new batches; force_retrain is set, continuing with the catalogue as it is")
             return PokeReturnValue(is_done=True, xcom_value=[])
         self.log.info("No new complete batches yet")
         return False
-
-
-def _truthy(value: object) -> bool:
-    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"))

@@ -17,6 +17,7 @@ from sku_retraining.config import PipelineConfig, load_config_from_airflow
 from sku_retraining.ids import InvalidIdError, check_id
 from sku_retraining.layout import BatchLayout
 from sku_retraining.tasks.hooks import pipeline_hooks
+from sku_retraining.templated import as_list
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,8 @@ class NewBatches:
 
 
 def _normalise_ids(value: list[str] | str | None) -> list[str]:
-    if value is None or value == "" or value == []:
-        return []
-    if isinstance(value, str):
-        # A templated list arrives as its repr/JSON; a plain string is one id.
-        text = value.strip()
-        value = json.loads(text.replace("'", '"')) if text.startswith("[") else [text]
-    return sorted({check_id("batch_id", v) for v in value})
+    """Sorted, de-duplicated, validated batch ids from a list or its rendered template."""
+    return sorted({check_id("batch_id", v) for v in as_list(value)})
 
 
 def find_new_batches(
