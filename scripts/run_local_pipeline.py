@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     stack.start()
     env = {**os.environ, **stack.env()}
     reset_stack(env)
-    results = run_story(env, size)
+    results = run_story(env, size, task_seconds=True)
     print("\n" + "=" * 78)
     print(story_summary(env, results))
     print(f"Total: {time.monotonic() - started:.0f} s. The local stack is still running "

@@ -10,7 +10,6 @@ The tests (``tests/e2e``) run the same story, smaller.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -80,8 +79,9 @@ def reset_stack(env: dict[str, str]) -> None:
     fsx_root.mkdir(parents=True)
 
 
-def _task_seconds(run_id_prefix_date: str) -> dict[str, float]:
-    """Per-task durations of the latest run at ``logical_date``, from Airflow's metadata DB."""
+def _latest_run_task_seconds() -> dict[str, float]:
+    """Per-task durations of the DAG's newest run (the one just tested), from the metadata DB
+    of this process's Airflow home."""
     try:
         from airflow.models import DagRun, TaskInstance
         from airflow.utils.session import create_session
@@ -128,15 +128,21 @@ def upload_month(env: dict[str, str], month: int, size: StorySize) -> list[str]:
     return [b.batch_id for b in batches]
 
 
-def run_story(env: dict[str, str], size: StorySize, *, log_file: Path | None = None) -> list[MonthResult]:
-    """Upload and run both months; stops at the first failed DAG run."""
+def run_story(
+    env: dict[str, str], size: StorySize, *, log_file: Path | None = None, task_seconds: bool = False
+) -> list[MonthResult]:
+    """Upload and run both months; stops at the first failed DAG run.
+
+    :param task_seconds: read per-task durations back from Airflow's metadata DB (only when
+        this process and ``env`` share one Airflow home, as in ``./dev run``).
+    """
     conf = {"variants_per_image": size.variants_per_image, "epochs": size.epochs, **size.gates}
     results = []
     for month, logical_date in enumerate(MONTHS, start=1):
         upload_month(env, month, size)
         result = run_dag(logical_date, conf, env, log_file)
-        os.environ.update(env)
-        result.task_seconds = _task_seconds(logical_date)
+        if task_seconds:
+            result.task_seconds = _latest_run_task_seconds()
         results.append(result)
         if result.returncode != 0:
             break
