@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -39,6 +38,7 @@ from sku_jobs.data import (
     eval_transform,
     load_classes,
     make_loader,
+    read_json_input,
     read_manifest,
 )
 from sku_jobs.evaluation import (
@@ -182,12 +182,7 @@ def load(channel: str, path: Path, workdir: Path) -> LoadedModel:
 
 def read_context(path: Path) -> tuple[list[str], str | None]:
     """(new_sku_ids, snapshot_id) from ``evaluation_context.json``."""
-    if not path.is_file():
-        raise InputError(f"missing manifest file: {path}")
-    try:
-        doc = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"{path}: not valid JSON: {exc}") from exc
+    doc = read_json_input(path)
     new_ids = doc.get("new_sku_ids") if isinstance(doc, dict) else None
     if not isinstance(new_ids, list) or not all(isinstance(s, str) for s in new_ids):
         raise InputError(f'{path}: expected {{"new_sku_ids": [sku ids], "snapshot_id": "..."}}')

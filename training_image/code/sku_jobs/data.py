@@ -58,14 +58,19 @@ class Sample:
     sha256: str
 
 
-def load_classes(path: Path) -> list[str]:
-    """Read ``classes.json`` and check ``num_classes == len(classes)``."""
+def read_json_input(path: Path) -> object:
+    """A JSON file of the ``manifests`` channel. :raises InputError: missing or not JSON."""
     if not path.is_file():
         raise InputError(f"missing manifest file: {path}")
     try:
-        doc = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except ValueError as exc:
         raise InputError(f"{path}: not valid JSON: {exc}") from exc
+
+
+def load_classes(path: Path) -> list[str]:
+    """Read ``classes.json`` and check ``num_classes == len(classes)``."""
+    doc = read_json_input(path)
     classes = doc.get("classes") if isinstance(doc, dict) else None
     num = doc.get("num_classes") if isinstance(doc, dict) else None
     if not isinstance(classes, list) or not isinstance(num, int):
