@@ -419,8 +419,14 @@ def free_port(host: str = LOOPBACK) -> int:
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
-    """Whether ``port`` on ``host`` can be bound now."""
+    """Whether a server could listen on ``port`` of ``host`` now.
+
+    ``SO_REUSEADDR`` as PostgreSQL and moto's server set it: connections a stopped server
+    leaves in TIME_WAIT (up to a minute) do not stop a new server from listening, so they
+    must not make the port look taken.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
