@@ -30,6 +30,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFilter, ImageStat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training_image" / "code"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
 
 TARGET_FLOOR_PCT = 70.0
 TARGET_SPEEDUP = 1.8

@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
+sys.path.insert(0, str(ROOT / "devtools"))
 
 import psycopg  # noqa: E402
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dsn:
         dsn = args.dsn
     else:
-        from sku_retraining.local_stack import PostgresServer, reachable_data_dir
+        from sku_dev.local_stack import PostgresServer, reachable_data_dir
 
         scratch = Path(tempfile.mkdtemp(prefix="bench-pg-"))
         server = PostgresServer(reachable_data_dir(scratch / "pgdata", key=str(scratch)))

@@ -30,6 +30,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training_image" / "code"))
+sys.path.insert(0, str(REPO / "plugins"))
 
 from sku_jobs.data import (  # noqa: E402 - needs the path above
     ManifestDataset,

@@ -30,9 +30,9 @@ One run = one retraining. Scheduled at 03:00 UTC on the 1st of every month
     **promote_model** (versioned, verified, then `production.json` rewritten; emits the
     production-model Asset) or **reject_model** (reasons recorded) → **finish**.
 
-Configuration (bucket, FSx, job backend, ...) is read at run time from
-`include/config/default.json`, `$SKU_RETRAINING_CONFIG` and the Variable
-`sku_retraining_config`; see the project README.
+Configuration (bucket, FSx, job backend, ...) is read at run time from the packaged
+defaults, the deployment file `$SKU_RETRAINING_CONFIG` and the Variable
+`sku_retraining_config` (which may not set the bucket or model name); see the project README.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The README's main command: the whole DAG, end to end, on the embedded local stack.
 
 Starts (or reuses) the local stack, resets it, and runs the two-month story of
-:mod:`sku_retraining.local_story` with ``airflow dags test``; prints a summary at the end.
+:mod:`sku_dev.local_story` with ``airflow dags test``; prints a summary at the end.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
+sys.path.insert(0, str(ROOT / "devtools"))
 
-from sku_retraining.local_stack import LocalStack  # noqa: E402
-from sku_retraining.local_story import StorySize, reset_stack, run_story, story_summary  # noqa: E402
+from sku_dev.local_stack import LocalStack  # noqa: E402
+from sku_dev.local_story import StorySize, reset_stack, run_story, story_summary  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 import pytest  # noqa: E402
 
-from sku_retraining.local_stack import (  # noqa: E402
+from sku_dev.local_stack import (  # noqa: E402
     AWS_REGION,
     AWS_TEST_CREDENTIAL,
     CATALOGUE_CONN_ID,

@@ -2,11 +2,18 @@
 
 Layers, later ones win:
 
-1. ``include/config/default.json`` (shipped with the project, the local defaults);
+1. ``resources/default_config.json`` (packaged with ``sku_retraining``, the local defaults;
+   read with :mod:`importlib.resources`, so a plugins.zip deployment has it too);
 2. the JSON file named by ``$SKU_RETRAINING_CONFIG`` (a deployment's file, e.g. on MWAA);
 3. the Airflow Variable ``sku_retraining_config`` (JSON), only when asked for from a task;
 4. the ``SKU_RETRAINING_*`` environment variables the local stack writes
    (bucket, S3 endpoint, FSx root, job backend).
+
+Layers 1, 2 and 4 are the *deployment* settings: they are all the DAG file may read at parse
+time (to name the production-model ``Asset``). The Variable may change what varies per run
+(training defaults, notifications, ...) but not the keys parse time reads
+(:data:`DEPLOYMENT_KEYS`): setting one there is an error naming it, so the Asset a DAG
+declares and the bucket a task writes can never disagree.
 
 Unknown keys are an error naming the key, so a typo never silently falls back to a default.
 """
@@ -16,17 +23,20 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
+#: The repository checkout, for the local backend only (its FSx folder and the image's code);
+#: nothing a deployment runs reads files through it.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-INCLUDE_DIR = PROJECT_ROOT / "include"
-DEFAULT_CONFIG_FILE = INCLUDE_DIR / "config" / "default.json"
-MIGRATIONS_DIR = INCLUDE_DIR / "migrations"
-SCHEMAS_DIR = INCLUDE_DIR / "schemas"
+RESOURCES = files("sku_retraining") / "resources"
+DEFAULT_CONFIG_RESOURCE = "default_config.json"
 
 CONFIG_FILE_ENV = "SKU_RETRAINING_CONFIG"
 CONFIG_VARIABLE = "sku_retraining_config"
+#: Read at DAG parse time (the production-model Asset): deployment layers only, never the Variable.
+DEPLOYMENT_KEYS = ("data_bucket", "model_name", "prefixes")
 
 JobBackend = Literal["local", "sagemaker"]
 
@@ -171,6 +181,14 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
+def resource_text(*parts: str) -> str:
+    """A packaged resource of ``sku_retraining/resources`` (works from plugins.zip too)."""
+    node = RESOURCES
+    for part in parts:
+        node = node / part
+    return node.read_text(encoding="utf-8")
+
+
 def _read_json_file(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -203,14 +221,22 @@ def load_config(
     :param environ: environment to read, ``os.environ`` by default.
     """
     env = os.environ if environ is None else environ
-    data = _read_json_file(DEFAULT_CONFIG_FILE)
+    data = json.loads(resource_text(DEFAULT_CONFIG_RESOURCE))
     if env.get(CONFIG_FILE_ENV):
         data = _deep_merge(data, _read_json_file(Path(env[CONFIG_FILE_ENV])))
     if variable_json:
         try:
-            data = _deep_merge(data, json.loads(variable_json))
+            overrides = json.loads(variable_json)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"Airflow Variable {CONFIG_VARIABLE} is not valid JSON: {exc}") from exc
+        fixed = sorted(set(overrides) & set(DEPLOYMENT_KEYS)) if isinstance(overrides, dict) else []
+        if fixed:
+            raise ConfigError(
+                f"Airflow Variable {CONFIG_VARIABLE} sets {', '.join(fixed)}: deployment settings the DAG reads "
+                f"at parse time belong in the file named by ${CONFIG_FILE_ENV} (or SKU_RETRAINING_DATA_BUCKET), "
+                "not in the Variable"
+            )
+        data = _deep_merge(data, overrides)
     data = _deep_merge(data, _environment_overrides(dict(env)))
     return _build(PipelineConfig, data, "")
 

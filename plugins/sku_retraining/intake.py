@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
+from sku_contracts.ids import InvalidIdError, check_id
 from sku_retraining.catalogue.registration import StagedImage
 from sku_retraining.config import IntakeConfig
-from sku_retraining.ids import InvalidIdError, check_id
 from sku_retraining.image_check import ImageProblem, inspect_image
 from sku_retraining.layout import BatchLayout, parse_image_key
 from sku_retraining.manifest import BatchManifest, ManifestError, parse_manifest

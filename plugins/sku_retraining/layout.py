@@ -9,12 +9,9 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 
-from sku_retraining.ids import InvalidIdError, check_file_name, check_id
-
-MANIFEST_NAME = "manifest.json"
-SUCCESS_MARKER = "_SUCCESS"
-IMAGES_DIR = "images"
-AUGMENTED_DIR = "augmented"
+from sku_contracts.files import AUGMENTED_DIR, IMAGES_DIR, SUCCESS_MARKER
+from sku_contracts.files import BATCH_MANIFEST as MANIFEST_NAME
+from sku_contracts.ids import InvalidIdError, check_file_name, check_id
 
 
 @dataclass(frozen=True)

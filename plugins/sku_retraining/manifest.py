@@ -7,9 +7,9 @@ import json
 from dataclasses import dataclass
 from functools import cache
 
-from sku_retraining.config import SCHEMAS_DIR
+from sku_retraining.config import resource_text
 
-SCHEMA_FILE = SCHEMAS_DIR / "batch_manifest.schema.json"
+SCHEMA_RESOURCE = ("schemas", "batch_manifest.schema.json")
 
 
 class ManifestError(ValueError):
@@ -45,7 +45,7 @@ class BatchManifest:
 def _validator():
     from jsonschema import Draft202012Validator
 
-    schema = json.loads(SCHEMA_FILE.read_text())
+    schema = json.loads(resource_text(*SCHEMA_RESOURCE))
     Draft202012Validator.check_schema(schema)
     return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
 

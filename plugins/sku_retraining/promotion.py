@@ -31,9 +31,9 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-MODEL_FILE = "model.tar.gz"
-CLASSES_FILE = "classes.json"
-EVALUATION_FILE = "evaluation.json"
+from sku_contracts.files import CLASSES_FILE, EVALUATION_FILE  # noqa: E402
+from sku_contracts.files import MODEL_ARCHIVE as MODEL_FILE  # noqa: E402
+
 LINEAGE_FILE = "lineage.json"
 REPORT_DIR = "report"
 POINTER_FILE = "production.json"

@@ -19,7 +19,7 @@ import boto3
 import psycopg
 import pytest
 
-from sku_retraining.local_story import MONTHS, StorySize, run_dag, upload_month
+from sku_dev.local_story import MONTHS, StorySize, run_dag, upload_month
 
 pytestmark = pytest.mark.slow
 

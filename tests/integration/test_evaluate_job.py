@@ -216,7 +216,7 @@ def test_challenger_vs_champion_deterministic_with_report(setup, tmp_path):
     assert chal["model"]["sha256"] == hashlib.sha256(setup["challenger_pt"].read_bytes()).hexdigest()
 
     # The metric line matches what the regexes the operator hands to SageMaker read back.
-    from sku_jobs.metrics import parse_evaluation_metric_lines
+    from sku_contracts.metrics import parse_evaluation_metric_lines
 
     found = parse_evaluation_metric_lines(proc.stdout)
     assert found["evaluation:challenger:top1"] == [pytest.approx(chal["top1"], abs=5e-5)]

@@ -10,15 +10,15 @@ import time
 
 import pytest
 
-from sku_retraining.config import load_config
-from sku_retraining.layout import BatchLayout
-from sku_retraining.synthetic import (
+from sku_dev.synthetic import (
     ACCEPTED_BY_CONTENT,
     IMAGE_FAULTS,
     generate_batch,
     make_skus,
     upload_batch,
 )
+from sku_retraining.config import load_config
+from sku_retraining.layout import BatchLayout
 from sku_retraining.tasks import intake
 
 # What each injected image fault must be quarantined as.

@@ -8,9 +8,9 @@ import pytest
 from airflow.sdk import PokeReturnValue
 from airflow.sdk.exceptions import AirflowSkipException
 
+from sku_dev.synthetic import generate_batch, make_skus, upload_batch
 from sku_retraining.config import load_config
 from sku_retraining.sensors.new_batches import NewSkuBatchSensor
-from sku_retraining.synthetic import generate_batch, make_skus, upload_batch
 from sku_retraining.tasks import intake
 
 

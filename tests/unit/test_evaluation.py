@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sku_jobs import metrics
+from sku_contracts import metrics
 from sku_jobs.evaluation import (
     ModelScores,
     build_evaluation,

@@ -13,9 +13,9 @@ import boto3
 import pytest
 from moto import mock_aws
 
+from sku_dev.local_stack import pid_alive
 from sku_retraining.jobs.local import LocalJobError, LocalJobRunner
 from sku_retraining.jobs.request import Channel, FsxTarget, JobSpec, build_request
-from sku_retraining.local_stack import pid_alive
 
 BUCKET = "jobs-bucket"
 MOUNT = "fsxmount"

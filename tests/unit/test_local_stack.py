@@ -15,8 +15,8 @@ import boto3
 import psycopg2
 import pytest
 
-from sku_retraining import local_stack
-from sku_retraining.local_stack import (
+from sku_dev import local_stack
+from sku_dev.local_stack import (
     LocalStack,
     MotoServer,
     PostgresServer,

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from sku_jobs import metrics
+from sku_contracts import metrics
 from sku_jobs.model import (
     DEFAULT_FREEZE,
     build_model,

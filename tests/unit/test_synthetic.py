@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sku_retraining import synthetic
-from sku_retraining.ids import is_valid_id
-from sku_retraining.image_check import ImageFacts, ImageProblem, inspect_image
-from sku_retraining.manifest import ManifestError, parse_manifest
-from sku_retraining.synthetic import (
+from sku_contracts.ids import is_valid_id
+from sku_dev import synthetic
+from sku_dev.synthetic import (
     ACCEPTED_BY_CONTENT,
     BATCH_FAULTS,
     EMPTY_BATCH_KEY,
@@ -29,6 +27,8 @@ from sku_retraining.synthetic import (
     upload_batch,
     write_batch_to_dir,
 )
+from sku_retraining.image_check import ImageFacts, ImageProblem, inspect_image
+from sku_retraining.manifest import ManifestError, parse_manifest
 
 CREATED = datetime(2026, 11, 1, 6, 0, tzinfo=UTC)
 SIZE = 64  # small images keep the suite fast; one test checks the 256 px default

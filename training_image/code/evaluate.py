@@ -6,7 +6,7 @@ Channels: ``challenger`` (the new model: ``model.tar.gz`` or its extracted files
 
 Writes ``evaluation.json`` (deterministic) and ``report.html`` with ``plots/`` and ``examples/``
 into ``SM_OUTPUT_DATA_DIR`` and prints one ``METRIC evaluation ...`` line
-(``sku_jobs.metrics.EVALUATION_METRIC_DEFINITIONS``). One process: CPU or a single GPU.
+(``sku_contracts.metrics.EVALUATION_METRIC_DEFINITIONS``). One process: CPU or a single GPU.
 Options default to the job's hyperparameters; the command line wins. Never imports Airflow.
 """
 
@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sku_jobs import metrics as metric_lines
+from sku_contracts import metrics as metric_lines
+from sku_contracts.files import EVALUATION_CONTEXT_FILE as CONTEXT_FILE  # noqa: E402
+from sku_contracts.files import EVALUATION_FILE  # noqa: E402
 from sku_jobs.data import (
     InputError,
     ManifestDataset,
@@ -54,9 +56,6 @@ from sku_jobs.evaluation import (
 from sku_jobs.model import SkuNet, UnsafeArchiveError, extract_model_archive, load_model_artifact
 from sku_jobs.report import EXAMPLES_DIR, PLOTS_DIR, Example, write_report
 from sku_jobs.sm_env import JobEnv, run_job
-
-EVALUATION_FILE = "evaluation.json"
-CONTEXT_FILE = "evaluation_context.json"
 
 
 def log(msg: str) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from sku_jobs import metrics as metric_lines
+from sku_contracts import metrics as metric_lines
 from sku_jobs.data import (
     InputError,
     ManifestDataset,

@@ -15,9 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SPLITS = ("train", "val", "test")
-CLASSES_FILE = "classes.json"
-MANIFEST_COLUMNS = ("path", "class_index", "sku_id", "sha256")
+from sku_contracts.files import CLASSES_FILE, SPLITS
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Versioned schema migrations: ``include/migrations/NNNN_<name>.sql``, applied in order.
+"""Versioned schema migrations: ``sku_retraining/resources/migrations/NNNN_<name>.sql``
+(packaged, read with :mod:`importlib.resources`), applied in order.
 
 All pending migrations run in one transaction under an advisory lock, so two workers
 migrating at once serialise and a failing migration leaves the schema as it was. An applied
@@ -10,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources.abc import Traversable
 
-from sku_retraining.config import MIGRATIONS_DIR
+from sku_retraining.config import RESOURCES
+
+MIGRATIONS = RESOURCES / "migrations"
 
 _FILE_RE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 # Arbitrary constant: the advisory lock id that serialises concurrent migrators.
@@ -34,20 +37,20 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
-def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def discover(directory: Traversable = MIGRATIONS) -> list[Migration]:
     migrations = []
-    for path in sorted(directory.glob("*.sql")):
+    for path in sorted((p for p in directory.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name):
         match = _FILE_RE.fullmatch(path.name)
         if not match:
             raise MigrationError(f"migration file {path.name} must be named NNNN_<lower_snake>.sql")
-        migrations.append(Migration(int(match[1]), match[2], path.read_text()))
+        migrations.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
     versions = [m.version for m in migrations]
     if len(set(versions)) != len(versions):
         raise MigrationError(f"duplicate migration versions in {directory}")
     return migrations
 
 
-def apply_migrations(conn, directory: Path = MIGRATIONS_DIR) -> list[str]:
+def apply_migrations(conn, directory: Traversable = MIGRATIONS) -> list[str]:
     """Apply pending migrations; return the names applied (empty when up to date)."""
     migrations = discover(directory)
     applied_now: list[str] = []

@@ -11,8 +11,6 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-AUGMENT_INPUT_COLUMNS = ("path", "sha256", "sku_id", "output_dir")
-
 
 @dataclass(frozen=True, slots=True)
 class VariantRow:

@@ -19,9 +19,7 @@ from typing import Any, Literal
 #: Instance types that SMDDP supports (AWS docs: "Supported frameworks, AWS Regions, and
 #: instances types" for the SageMaker distributed data parallelism library).
 SMDDP_INSTANCE_TYPES = frozenset({"ml.p4d.24xlarge", "ml.p4de.24xlarge", "ml.p3.16xlarge", "ml.p3dn.24xlarge"})
-SMDDP_ENABLED_HP = "sagemaker_distributed_dataparallel_enabled"
-INSTANCE_TYPE_HP = "sagemaker_instance_type"
-PROGRAM_HP = "sagemaker_program"
+from sku_contracts.files import INSTANCE_TYPE_HP, PROGRAM_HP, SMDDP_ENABLED_HP  # noqa: E402,F401
 
 ChannelSource = Literal["fsx", "s3"]
 

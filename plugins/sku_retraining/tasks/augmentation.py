@@ -10,12 +10,16 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from sku_contracts.files import (
+    AUGMENT_INPUT_COLUMNS,
+    AUGMENT_INPUTS_FILE,
+    AUGMENTATION_MANIFEST_PREFIX,
+    AUGMENTATION_SKIPPED_PREFIX,
+)
 from sku_retraining.config import PipelineConfig, load_config_from_airflow
 from sku_retraining.layout import augmented_dir_for
 
 log = logging.getLogger(__name__)
-
-INPUTS_FILE = "augment_inputs.csv"
 
 
 def export_augmentation_inputs(*, variants_per_image: int, cfg: PipelineConfig | None = None) -> dict:
@@ -23,7 +27,7 @@ def export_augmentation_inputs(*, variants_per_image: int, cfg: PipelineConfig |
 
     :return: ``{"s3_uri": <prefix>, "count": n, "variants_per_image": N}``.
     """
-    from sku_retraining.catalogue.variants import AUGMENT_INPUT_COLUMNS, originals_needing_variants
+    from sku_retraining.catalogue.variants import originals_needing_variants
     from sku_retraining.tasks.hooks import pipeline_hooks
 
     cfg = cfg or load_config_from_airflow()
@@ -38,9 +42,9 @@ def export_augmentation_inputs(*, variants_per_image: int, cfg: PipelineConfig |
     data = buffer.getvalue().encode()
     digest = hashlib.sha256(data + f"|{variants_per_image}".encode()).hexdigest()[:16]
     prefix = f"{cfg.prefixes.datasets}augment-inputs/{digest}/"
-    s3.load_bytes(data, key=prefix + INPUTS_FILE, bucket_name=cfg.data_bucket, replace=True)
+    s3.load_bytes(data, key=prefix + AUGMENT_INPUTS_FILE, bucket_name=cfg.data_bucket, replace=True)
     log.info("%d train original(s) need %d variant(s) each -> s3://%s/%s%s",
-             len(originals), variants_per_image, cfg.data_bucket, prefix, INPUTS_FILE)
+             len(originals), variants_per_image, cfg.data_bucket, prefix, AUGMENT_INPUTS_FILE)
     return {"s3_uri": f"s3://{cfg.data_bucket}/{prefix}", "count": len(originals),
             "variants_per_image": variants_per_image}
 
@@ -70,13 +74,13 @@ def register_augmentation_output(job_result: dict | None, *, cfg: PipelineConfig
                     continue
                 text = tar.extractfile(member).read().decode()
                 reader = csv.DictReader(io.StringIO(text))
-                if name.startswith("augmentation_manifest-"):
+                if name.startswith(AUGMENTATION_MANIFEST_PREFIX):
                     rows.extend(
                         VariantRow(r["variant_path"], r["source_sha256"], int(r["variant_index"]), int(r["seed"]),
                                    r["sha256"], int(r["width"]), int(r["height"]), parse_params(r["params"]))
                         for r in reader
                     )
-                elif name.startswith("skipped-"):
+                elif name.startswith(AUGMENTATION_SKIPPED_PREFIX):
                     skipped.extend((r["source_path"], r["reason"]) for r in reader)
     for source, reason in skipped:
         log.warning("augmentation skipped %s: %s", source, reason)

@@ -14,8 +14,8 @@ from sku_retraining.gates import EvaluationError
 
 log = logging.getLogger(__name__)
 
-EVALUATION_FILE = "evaluation.json"
-REPORT_FILE = "report.html"
+from sku_contracts.files import EVALUATION_FILE, REPORT_FILE  # noqa: E402
+
 # Kept out of the XCom (12,000 SKUs make them megabytes); they stay in evaluation.json.
 _BULKY_KEYS = ("per_sku", "worst_skus", "confused_pairs")
 

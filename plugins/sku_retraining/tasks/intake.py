@@ -13,15 +13,15 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sku_contracts.ids import InvalidIdError, check_id
 from sku_retraining.config import PipelineConfig, load_config_from_airflow
-from sku_retraining.ids import InvalidIdError, check_id
 from sku_retraining.layout import BatchLayout
 from sku_retraining.tasks.hooks import pipeline_hooks
 from sku_retraining.templated import as_list
 
 log = logging.getLogger(__name__)
 
-EVALUATION_CONTEXT_FILE = "evaluation_context.json"
+from sku_contracts.files import EVALUATION_CONTEXT_FILE  # noqa: E402
 
 
 @dataclass

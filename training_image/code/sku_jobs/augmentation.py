@@ -44,15 +44,23 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageStat
 
-from sku_jobs.sm_env import JobEnv
-
-INPUTS_FILE = "augment_inputs.csv"
-INPUT_COLUMNS = ("path", "sha256", "sku_id", "output_dir")
-MANIFEST_COLUMNS = (
-    "variant_path", "source_path", "source_sha256", "variant_index", "seed",
-    "sha256", "width", "height", "params",
+from sku_contracts.files import (
+    AUGMENT_INPUT_COLUMNS as INPUT_COLUMNS,
 )
-SKIPPED_COLUMNS = ("source_path", "reason")
+from sku_contracts.files import (
+    AUGMENT_INPUTS_FILE as INPUTS_FILE,
+)
+from sku_contracts.files import (
+    AUGMENTATION_MANIFEST_COLUMNS as MANIFEST_COLUMNS,
+)
+from sku_contracts.files import (
+    AUGMENTATION_MANIFEST_PREFIX,
+    AUGMENTATION_SKIPPED_PREFIX,
+)
+from sku_contracts.files import (
+    AUGMENTATION_SKIPPED_COLUMNS as SKIPPED_COLUMNS,
+)
+from sku_jobs.sm_env import JobEnv
 
 # The augmentation policy (what a till camera does to a product photo).
 CROP_SCALE = (0.6, 1.0)              # fraction of the source area kept by the random crop
@@ -659,10 +667,10 @@ def run(env: JobEnv) -> dict:
 
     env.output_data_dir.mkdir(parents=True, exist_ok=True)
     manifest_rows.sort(key=lambda r: r["variant_path"])
-    _write_csv(env.output_data_dir / f"augmentation_manifest-{host}.csv", MANIFEST_COLUMNS,
+    _write_csv(env.output_data_dir / f"{AUGMENTATION_MANIFEST_PREFIX}{host}.csv", MANIFEST_COLUMNS,
                ([r[c] for c in MANIFEST_COLUMNS] for r in manifest_rows))
     skipped.sort()
-    _write_csv(env.output_data_dir / f"skipped-{host}.csv", SKIPPED_COLUMNS, skipped)
+    _write_csv(env.output_data_dir / f"{AUGMENTATION_SKIPPED_PREFIX}{host}.csv", SKIPPED_COLUMNS, skipped)
     summary = {
         "host": host, "num_hosts": env.num_hosts, "total_rows": p.total_rows,
         "inputs": p.inputs, "variants_written": written, "variants_existing": existing,

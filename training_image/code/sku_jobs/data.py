@@ -22,10 +22,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
+from sku_contracts.files import SPLIT_COLUMNS as MANIFEST_HEADER  # noqa: E402
+from sku_contracts.files import SPLITS  # noqa: F401,E402 - re-exported for the entry points
 from sku_jobs.model import IMAGENET_MEAN, IMAGENET_STD
 
-MANIFEST_HEADER = ("path", "class_index", "sku_id", "sha256")
-SPLITS = ("train", "val", "test")
 EVAL_RESIZE_RATIO = 0.875  # the usual 256 → 224 centre crop
 
 # What PIL raises for unreadable, truncated or hostile files; anything else is a real bug.

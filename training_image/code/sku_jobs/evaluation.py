@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-EVALUATION_FORMAT = "sku-evaluation/v1"
+from sku_contracts.files import EVALUATION_FORMAT  # noqa: E402
+
 DECIMALS = 6
 TOP_K = 5
 
@@ -203,7 +204,7 @@ def dumps_evaluation(doc: Mapping) -> str:
 
 
 def metric_values(doc: Mapping) -> dict[str, float | None]:
-    """The numbers of the ``METRIC evaluation`` line (``sku_jobs.metrics.EVALUATION_KEYS``)."""
+    """The numbers of the ``METRIC evaluation`` line (``sku_contracts.metrics.EVALUATION_KEYS``)."""
     chal, champ, comp = doc["challenger"], doc.get("champion") or {}, doc.get("comparison") or {}
     return {
         "challenger_top1": chal["top1"],

@@ -18,7 +18,8 @@ from torch import nn
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 DEFAULT_FREEZE = ("conv1", "bn1", "layer1", "layer2", "layer3")
-ARTIFACT_FORMAT = "sku-model/v1"
+from sku_contracts.files import MODEL_FORMAT as ARTIFACT_FORMAT  # noqa: E402
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

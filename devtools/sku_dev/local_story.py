@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sku_retraining.synthetic import generate_batch, make_skus, upload_batch
+from sku_dev.synthetic import generate_batch, make_skus, upload_batch
 
 DAG_ID = "sku_retraining"
 MONTH_1_BAD = ("corrupt_jpeg", "truncated_jpeg", "zero_byte", "non_image", "duplicate_across_skus", "hostile_path")

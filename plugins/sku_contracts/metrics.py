@@ -1,6 +1,6 @@
 """The metric lines ``train.py`` prints and the regexes that read them back.
 
-Torch-free on purpose: the Airflow side loads this file by path to build the SageMaker
+Torch- and Airflow-free on purpose: the Airflow side imports it to build the SageMaker
 ``MetricDefinitions`` (CloudWatch) and to parse the local backend's log with the very same
 regexes, so the two can never drift apart.
 

@@ -14,11 +14,11 @@ manifest / marker, never the bytes of the good images, and every one is listed i
 decides by content, not by extension, so a PNG named ``.jpg`` is *accepted*; it is still
 recorded (kind in :data:`ACCEPTED_BY_CONTENT`) so tests can check that decision.
 
-Command line (``PYTHONPATH=plugins``)::
+Command line (``PYTHONPATH=plugins:devtools``)::
 
-    python -m sku_retraining.synthetic --batch-id 2026-11 --skus 20 --images-per-sku 30 \\
+    python -m sku_dev.synthetic --batch-id 2026-11 --skus 20 --images-per-sku 30 \\
         --seed 1 --bucket sku-retraining-data [--endpoint-url URL] [--inject corrupt_jpeg,...]
-    python -m sku_retraining.synthetic --batch-id 2026-11 --out-dir /tmp/batches
+    python -m sku_dev.synthetic --batch-id 2026-11 --out-dir /tmp/batches
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
-from sku_retraining.ids import check_id
+from sku_contracts.ids import check_id
 from sku_retraining.layout import IMAGES_DIR, MANIFEST_NAME, SUCCESS_MARKER
 
 log = logging.getLogger(__name__)
@@ -1060,7 +1060,7 @@ def write_batch_to_dir(root: str | os.PathLike, batch: GeneratedBatch) -> list[s
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m sku_retraining.synthetic", description=__doc__.split("\n\n")[0]
+        prog="python -m sku_dev.synthetic", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--batch-id", required=True)
     p.add_argument("--skus", type=int, default=20, help="number of SKUs (default 20)")

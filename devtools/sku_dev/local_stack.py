@@ -6,9 +6,9 @@
 * A moto server is the S3 endpoint (and SageMaker API) on loopback.
 * ``<state_dir>/fsx`` is the FSx for Lustre mount.
 
-Command line (``plugins`` on ``PYTHONPATH``)::
+Command line (``devtools`` and ``plugins`` on ``PYTHONPATH``; ``./dev stack`` does it)::
 
-    python -m sku_retraining.local_stack start|stop|status|env [--project-dir DIR]
+    python -m sku_dev.local_stack start|stop|status|env [--project-dir DIR]
     source .stack/stack.env
 
 Every server listens on 127.0.0.1 only; PostgreSQL uses ``trust`` authentication, so this is a
@@ -1185,7 +1185,7 @@ class LocalStack:
 
     @staticmethod
     def _env_file_text(env: dict[str, str]) -> str:
-        lines = ["# Written by `python -m sku_retraining.local_stack start`; use: source .stack/stack.env"]
+        lines = ["# Written by `python -m sku_dev.local_stack start`; use: source .stack/stack.env"]
         lines += [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
         return "\n".join(lines) + "\n"
 
@@ -1215,7 +1215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``status`` exits 0 when both servers run, 3 otherwise (the LSB "not running" code).
     """
     parser = argparse.ArgumentParser(
-        prog="python -m sku_retraining.local_stack", description=__doc__.split("\n")[0]
+        prog="python -m sku_dev.local_stack", description=__doc__.split("\n")[0]
     )
     parser.add_argument("command", choices=["start", "stop", "status", "env"])
     parser.add_argument(
