@@ -1,0 +1,1 @@
+"""Deployment tooling (CloudFormation, image build, MWAA/Astro packaging); never shipped to Airflow."""
