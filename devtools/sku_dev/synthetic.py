@@ -63,6 +63,11 @@ IMAGE_FAULTS: tuple[str, ...] = (
     "duplicate_across_skus",
     "hostile_path",
     "decompression_bomb",
+    "exif_rotated",
+    "cmyk_jpeg",
+    "sixteen_bit_png",
+    "tiny_image",
+    "hostile_file_names",
 )
 BATCH_FAULTS: tuple[str, ...] = (
     "missing_manifest",
@@ -74,7 +79,12 @@ BATCH_FAULTS: tuple[str, ...] = (
 )
 FAULT_KINDS: tuple[str, ...] = IMAGE_FAULTS + BATCH_FAULTS
 #: Recorded in ``expected_bad`` but readable: the intake accepts these by content.
-ACCEPTED_BY_CONTENT: frozenset[str] = frozenset({"png_as_jpg"})
+ACCEPTED_BY_CONTENT: frozenset[str] = frozenset({"png_as_jpg", "exif_rotated", "cmyk_jpeg"})
+#: Side of the ``tiny_image`` fault: below the intake's default minimum side (32 px).
+TINY_SIDE = 16
+#: EXIF orientation of ``exif_rotated``: 6 = "rotate 90 degrees clockwise to display"; the
+#: file holds the picture turned 90 degrees counter-clockwise.
+EXIF_ORIENTATION_TAG, EXIF_ROTATE_CW = 0x0112, 6
 # Faults that each rewrite manifest.json: two at once would make expected_bad ambiguous.
 _MANIFEST_FAULTS = frozenset(
     {"missing_manifest", "bad_manifest_json", "manifest_schema_violation", "hostile_manifest_sku"}
@@ -855,6 +865,50 @@ class _Injector:
     def decompression_bomb(self, kind: str) -> None:
         spec = _pick(self.rng(kind), self.skus)
         self.add(self.key(spec.sku_id, "png"), bomb_png(), kind)
+
+    def exif_rotated(self, kind: str) -> None:
+        # A phone photo: the pixels stored sideways, an EXIF tag saying how to show them.
+        # Accepted; every decode must apply the tag (upright_photo() is what they must see).
+        spec = _pick(self.rng(kind), self.skus)
+        upright = self.photo(spec, kind)
+        stored = upright.transpose(Image.Transpose.ROTATE_90)
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION_TAG] = EXIF_ROTATE_CW
+        buf = io.BytesIO()
+        stored.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+        self.add(self.key(spec.sku_id, "jpg"), buf.getvalue(), kind)
+
+    def cmyk_jpeg(self, kind: str) -> None:
+        # Print-workflow exports: a valid JPEG in CMYK, accepted and converted to RGB.
+        spec = _pick(self.rng(kind), self.skus)
+        buf = io.BytesIO()
+        self.photo(spec, kind).convert("CMYK").save(buf, "JPEG", quality=90)
+        self.add(self.key(spec.sku_id, "jpg"), buf.getvalue(), kind)
+
+    def sixteen_bit_png(self, kind: str) -> None:
+        # 16-bit greyscale (a scanner's default): no faithful 8-bit RGB conversion, refused.
+        spec = _pick(self.rng(kind), self.skus)
+        grey = np.asarray(self.photo(spec, kind).convert("L"), dtype=np.uint16) * 257
+        buf = io.BytesIO()
+        Image.fromarray(grey).save(buf, "PNG")  # uint16 -> mode I;16
+        self.add(self.key(spec.sku_id, "png"), buf.getvalue(), kind)
+
+    def tiny_image(self, kind: str) -> None:
+        spec = _pick(self.rng(kind), self.skus)
+        small = self.photo(spec, kind).resize((TINY_SIDE, TINY_SIDE))
+        self.add(self.key(spec.sku_id, "jpg"), _encode(small, "jpeg", 90), kind)
+
+    def hostile_file_names(self, kind: str) -> None:
+        # Good pictures under names that break the file-name contract (they become FSx paths).
+        spec = self.skus[0]
+        names = (
+            "..jpg",  # dot-dot prefix
+            "front label.jpg",  # space
+            "img_0001\u0430.jpg",  # Cyrillic 'a': a confusable
+            "x" * 296 + ".jpg",  # 300 characters
+        )
+        for n, name in enumerate(names):
+            self.add(f"{IMAGES_DIR}/{spec.sku_id}/{name}", _encode(self.photo(spec, kind, n), "jpeg", 85), kind)
 
     # -- batch level ------------------------------------------------------------------------
 

@@ -80,6 +80,7 @@ class IntakeConfig:
     download_workers: int = 8
     allowed_formats: tuple[str, ...] = ("JPEG", "PNG")
     allowed_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+    min_side: int = 32  # smallest accepted side in pixels, upright (image_check.py)
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,29 @@ class LocalJobsConfig:
     pretrained_weights_path: str = ""
 
 
+NOTIFICATION_EVENTS = ("task_failed", "run_failed", "promoted", "rejected")
+
+
 @dataclass(frozen=True)
 class NotificationsConfig:
-    # SNS topic told about every promotion and rejection; empty = no notifications.
+    """Who is told about failures, promotions and rejections (:mod:`sku_retraining.notifications`).
+
+    Every channel is optional; none configured = nothing is sent (the task log still says it all).
+    """
+
+    # SNS topic (the amazon provider's SnsNotifier); empty = no SNS message.
     sns_topic_arn: str = ""
+    # E-mail addresses (the smtp provider's SmtpNotifier, connection ``smtp_conn_id``); empty = no e-mail.
+    email_to: tuple[str, ...] = ()
+    smtp_conn_id: str = "smtp_default"
+    # Which events are sent: task_failed, run_failed, promoted, rejected.
+    events: tuple[str, ...] = ("task_failed", "run_failed", "promoted", "rejected")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.events) - set(NOTIFICATION_EVENTS))
+        if unknown:
+            raise ConfigError(f"notifications.events: unknown event(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(NOTIFICATION_EVENTS)})")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,13 @@
 """Decide whether the bytes of an uploaded file are an image we can train on.
 
 Everything a bad upload can be (zero bytes, truncated, corrupt, not an image, a format we do
-not accept, a decompression bomb) ends as an :class:`ImageProblem` with a code and a message,
-never as an exception, so one bad file is quarantined and the rest of the batch goes on.
+not accept, a decompression bomb, too small to learn from, a pixel mode we cannot turn into
+8-bit RGB faithfully) ends as an :class:`ImageProblem` with a code and a message, never as an
+exception, so one bad file is quarantined and the rest of the batch goes on.
+
+Sizes are those of the image *as it is meant to be seen*: a phone photo stored sideways with an
+EXIF orientation tag is measured upright, as every later decode (augmentation, training,
+evaluation) applies the same tag with ``PIL.ImageOps.exif_transpose``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,26 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+
+#: Default smallest accepted side (pixels, upright); the training crop is far larger, so a
+#: thumbnail-sized upload is upscaled noise. Configurable: ``intake.min_side``.
+DEFAULT_MIN_SIDE = 32
+# Pixel modes that convert to 8-bit RGB without losing the picture. 16-bit and float
+# single-channel modes ("I;16", "I", "F") clip to white in ``convert("RGB")``: refused.
+CONVERTIBLE_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La"})
+# EXIF orientations 5-8 are stored rotated by 90 degrees: width and height swap when upright.
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION = 0x0112
+
+
+def upright_size(image) -> tuple[int, int]:
+    """``(width, height)`` of ``image`` once its EXIF orientation is applied."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block means "as stored"
+        orientation = 1
+    width, height = image.size
+    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
 
 
 @dataclass(frozen=True)
@@ -30,8 +55,11 @@ class ImageProblem:
     n_bytes: int
 
 
-def inspect_image(data: bytes, *, allowed_formats: tuple[str, ...] = ("JPEG", "PNG")) -> ImageFacts | ImageProblem:
-    """Hash, identify and fully decode ``data`` (decoding catches truncation and corruption)."""
+def inspect_image(
+    data: bytes, *, allowed_formats: tuple[str, ...] = ("JPEG", "PNG"), min_side: int = DEFAULT_MIN_SIDE
+) -> ImageFacts | ImageProblem:
+    """Hash, identify and fully decode ``data`` (decoding catches truncation and corruption);
+    refuse images whose upright shorter side is below ``min_side`` pixels."""
     from PIL import Image, UnidentifiedImageError
 
     digest = hashlib.sha256(data).hexdigest() if data else None
@@ -51,7 +79,8 @@ def inspect_image(data: bytes, *, allowed_formats: tuple[str, ...] = ("JPEG", "P
                         len(data),
                     )
                 image.load()
-                width, height = image.size
+                mode = image.mode
+                width, height = upright_size(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return ImageProblem("decompression_bomb", f"refused: {exc}", digest, len(data))
     except UnidentifiedImageError:
@@ -59,4 +88,15 @@ def inspect_image(data: bytes, *, allowed_formats: tuple[str, ...] = ("JPEG", "P
     except (OSError, SyntaxError, ValueError) as exc:
         # PIL reports truncated or corrupt data as OSError ("image file is truncated", ...).
         return ImageProblem("corrupt_image", f"cannot decode: {exc}", digest, len(data))
+    if mode not in CONVERTIBLE_MODES:
+        return ImageProblem(
+            "unsupported_mode",
+            f"pixel mode {mode} (e.g. 16-bit greyscale) is not accepted: save it as 8-bit RGB",
+            digest,
+            len(data),
+        )
+    if min(width, height) < min_side:
+        return ImageProblem(
+            "too_small", f"{width}x{height} px is below the minimum side of {min_side} px", digest, len(data)
+        )
     return ImageFacts(sha256=digest, n_bytes=len(data), format=fmt, width=width, height=height)

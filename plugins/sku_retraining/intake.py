@@ -74,7 +74,7 @@ def _stage_one(client, bucket: str, layout: BatchLayout, key: str, size: int, cf
             f"(accepted: {', '.join(cfg.allowed_extensions)})",
         )
     data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    facts = inspect_image(data, allowed_formats=tuple(cfg.allowed_formats))
+    facts = inspect_image(data, allowed_formats=tuple(cfg.allowed_formats), min_side=cfg.min_side)
     if isinstance(facts, ImageProblem):
         return StagedImage(
             key, parsed.sku_id, facts.sha256, facts.n_bytes,

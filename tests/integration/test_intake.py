@@ -31,6 +31,9 @@ EXPECTED_CODES = {
     "duplicate_across_skus": {"conflicting_labels"},
     "hostile_path": {"invalid_path", "unknown_sku"},
     "decompression_bomb": {"decompression_bomb"},
+    "sixteen_bit_png": {"unsupported_mode"},
+    "tiny_image": {"too_small"},
+    "hostile_file_names": {"invalid_path"},
 }
 
 

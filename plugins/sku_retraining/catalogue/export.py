@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from psycopg import sql
+
 from sku_contracts.files import CLASSES_FILE, SPLITS
 
 
@@ -30,13 +32,15 @@ class ExportedManifests:
 def _export_split(cur, split: str, path: Path) -> tuple[str, int]:
     digest = hashlib.sha256()
     lines = 0
-    query = (
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+    # COPY takes no bind parameters: the split goes in as a quoted literal, composed by psycopg.
+    query = sql.SQL(
         "COPY (SELECT i.fsx_path AS path, s.class_index, i.sku_id, i.sha256 "
         "FROM images i JOIN skus s USING (sku_id) "
-        f"WHERE i.split = '{split}' ORDER BY i.sha256) "
+        "WHERE i.split = {split} ORDER BY i.sha256) "
         "TO STDOUT WITH (FORMAT csv, HEADER true)"
-    )
-    assert split in SPLITS  # the only value interpolated above
+    ).format(split=sql.Literal(split))
     with path.open("wb") as out, cur.copy(query) as copy:
         for chunk in copy:
             data = bytes(chunk)

@@ -42,7 +42,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from PIL import Image, ImageStat
+from PIL import Image, ImageOps, ImageStat
 
 from sku_contracts.files import (
     AUGMENT_INPUT_COLUMNS as INPUT_COLUMNS,
@@ -369,6 +369,16 @@ def _decodes(path: str) -> tuple[bytes, int, int] | None:
         return None
 
 
+def _upright_size(img: Image.Image) -> tuple[int, int]:
+    """``img.size`` once its EXIF orientation is applied (orientations 5-8 swap the sides)."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block means "as stored"
+        orientation = 1
+    width, height = img.size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def _reason(what: str, path: str) -> str:
     return f"{what} ({path})"
 
@@ -426,7 +436,10 @@ def process_source(task: tuple[str, str, str]) -> dict:
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; both are bombs here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-        width, height = img.size
+        stored_size = img.size
+        # Phone photos are often stored sideways with an EXIF orientation tag: variants are
+        # rendered from the upright picture, as registration measured it and training sees it.
+        width, height = _upright_size(img)
         if width < 1 or height < 1:
             return skip("cannot decode: empty image")
     except Exception as exc:  # noqa: BLE001 - untrusted input: any decoder failure is a skip
@@ -455,8 +468,9 @@ def process_source(task: tuple[str, str, str]) -> dict:
                 # The draft scale comes from all N variants, not just the missing ones, so a
                 # rewritten variant is byte-identical to its first rendering.
                 need = decode_scale_needed(params, width, height, st.max_side)
-                img.draft("RGB", (math.ceil(width * need), math.ceil(height * need)))
+                img.draft("RGB", tuple(math.ceil(side * need) for side in stored_size))
                 img.load()
+                img = ImageOps.exif_transpose(img)
             if img.mode != "RGB":
                 img = img.convert("RGB")
             thumb = img.reduce(max(1, min(img.size) // 64))  # mean colour: 64 px is plenty

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
@@ -114,12 +114,19 @@ def _unit_hash(key: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def select_replay(samples: Sequence[Sample], old_num_classes: int, fraction: float, seed: int = 0) -> list[Sample]:
-    """New classes' samples plus a deterministic ``fraction`` of each old class's samples.
+def select_replay(
+    samples: Sequence[Sample], old_num_classes: int, fraction: float, seed: int = 0, balanced: bool = False
+) -> list[Sample]:
+    """New classes' samples plus a deterministic ``fraction`` of the old classes' samples.
 
     Per class, images are ranked by a seeded hash of their content hash (path if absent), so
     the same images are replayed every time for the same inputs and a class never drops to
     zero images. ``fraction >= 1`` keeps everything.
+
+    ``balanced=False`` takes ``fraction`` of each old class (big classes stay big);
+    ``balanced=True`` spends the same budget (``fraction`` of all old images) as an equal
+    quota per old class, so every old class is rehearsed alike (a class smaller than the
+    quota gives all it has).
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"replay fraction must be within [0, 1], got {fraction}")
@@ -128,12 +135,15 @@ def select_replay(samples: Sequence[Sample], old_num_classes: int, fraction: flo
     by_class: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
         by_class[s.class_index].append(i)
+    old_classes = [c for c in by_class if c < old_num_classes]
+    n_old = sum(len(by_class[c]) for c in old_classes)
+    quota = max(1, math.ceil(fraction * n_old / len(old_classes))) if old_classes else 0
     keep: set[int] = set()
     for cls, idxs in by_class.items():
         if cls >= old_num_classes:
             keep.update(idxs)
         elif fraction > 0.0:
-            k = max(1, math.ceil(fraction * len(idxs)))
+            k = min(len(idxs), quota) if balanced else max(1, math.ceil(fraction * len(idxs)))
             ranked = sorted(idxs, key=lambda i: _unit_hash(samples[i].sha256 or samples[i].path, seed))
             keep.update(ranked[:k])
     return [s for i, s in enumerate(samples) if i in keep]
@@ -169,11 +179,12 @@ def eval_transform(image_size: int) -> transforms.Compose:
 
 
 def decode_image(path: Path, draft_size: int | None) -> Image.Image:
-    """Open as RGB; JPEGs are decoded at the smallest DCT scale still >= ``draft_size``."""
+    """Open upright (EXIF orientation applied, as registration measured it) as RGB; JPEGs are
+    decoded at the smallest DCT scale still >= ``draft_size``."""
     with Image.open(path) as img:
         if draft_size and img.format == "JPEG":
-            img.draft("RGB", (draft_size, draft_size))
-        return img.convert("RGB")
+            img.draft("RGB", (draft_size, draft_size))  # square: the same whichever way up
+        return ImageOps.exif_transpose(img).convert("RGB")
 
 
 class ManifestDataset(Dataset):

@@ -1,7 +1,8 @@
 """The SKU classifier: a torchvision ResNet backbone plus a small fully connected head.
 
-Also: parameter counting, freezing of the low-level layers, the model artefact
-(``model.pt``) format, and widening the head for new SKUs on warm start.
+Also: parameter counting, the freeze policy (which backbone layers stay fixed, decided by
+the weights actually loaded), the model artefact (``model.pt``) format, and widening the
+head for new SKUs on warm start.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ from torch import nn
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 DEFAULT_FREEZE = ("conv1", "bn1", "layer1", "layer2", "layer3")
+#: Where the backbone's starting weights came from (see :func:`resolve_freeze`).
+INIT_RANDOM, INIT_IMAGENET, INIT_WARM_START = "random", "imagenet", "warm_start"
+_INIT_WORDS = {
+    INIT_RANDOM: "random init",
+    INIT_IMAGENET: "loaded from ImageNet weights",
+    INIT_WARM_START: "loaded from the warm-start model",
+}
 from sku_contracts.files import MODEL_FORMAT as ARTIFACT_FORMAT  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,9 +87,10 @@ def build_model(
     num_classes: int = 1000,
     head_hidden: int = 576,
     dropout: float = 0.2,
-    freeze: Iterable[str] = DEFAULT_FREEZE,
+    freeze: Iterable[str] = (),
 ) -> SkuNet:
-    """Build the classifier (random init) and freeze ``freeze`` backbone children."""
+    """Build the classifier (random init) and freeze ``freeze`` backbone children (none by
+    default: random layers that never train would stay random; see :func:`resolve_freeze`)."""
     model = SkuNet(arch, num_classes, head_hidden=head_hidden, dropout=dropout)
     freeze_backbone(model, freeze)
     return model
@@ -94,6 +103,35 @@ def parse_freeze(spec: str | Iterable[str] | None) -> tuple[str, ...]:
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     names = tuple(s.strip() for s in items if s and s.strip())
     return () if names in {("none",), ("None",)} else names
+
+
+def resolve_freeze(spec: str | Iterable[str] | None, init: str) -> tuple[tuple[str, ...], str]:
+    """The backbone layers to freeze for the weights actually loaded, and a log line saying so.
+
+    ``spec`` is the ``freeze`` setting: ``"auto"`` (the default) freezes :data:`DEFAULT_FREEZE`
+    when the backbone was *loaded* (``init`` is ImageNet weights or the warm-start model) and
+    nothing at random init, where frozen layers would stay random filters for good (the
+    cause of issue #10's 60%). ``"none"`` / ``""`` freezes nothing; a comma list freezes
+    exactly those layers, whatever was loaded (asked for explicitly, so it is obeyed, with a
+    warning in the line at random init).
+    """
+    if init not in _INIT_WORDS:
+        raise ValueError(f"unknown backbone init {init!r}; expected one of {', '.join(_INIT_WORDS)}")
+    text = spec.strip().lower() if isinstance(spec, str) else None
+    if text == "auto" or spec is None:
+        names = DEFAULT_FREEZE if init != INIT_RANDOM else ()
+        how = "freeze=auto"
+    else:
+        names = parse_freeze(spec)
+        how = f"freeze={','.join(names) or 'none'}"
+    where = _INIT_WORDS[init]
+    if not names:
+        line = f"nothing frozen: {where} ({how})"
+    else:
+        line = f"frozen: {','.join(names)} ({where}; {how})"
+        if init == INIT_RANDOM:
+            line += " - WARNING: these layers stay at random init for the whole run"
+    return names, line
 
 
 def freeze_backbone(model: SkuNet, names: Iterable[str]) -> None:
@@ -238,7 +276,10 @@ def extract_model_archive(archive: str | os.PathLike, out: str | os.PathLike) ->
     archive, out = Path(archive), Path(out)
     with tarfile.open(archive) as tar:
         try:
-            tar.extractall(out, filter="data")  # refuses absolute paths, "..", devices
+            tar.extractall(out, filter="data")  # refuses absolute paths, "..", links out, devices
+        # One exception type for callers, naming the member (FilterError: Python >= 3.11.4).
+        except getattr(tarfile, "FilterError", ()) as exc:
+            raise UnsafeArchiveError(f"{archive}: unsafe member in archive: {exc}") from None
         except TypeError:  # Python < 3.11.4 has no filter: check the names ourselves
             if any(m.name.startswith("/") or ".." in Path(m.name).parts or not (m.isfile() or m.isdir())
                    for m in tar.getmembers()):

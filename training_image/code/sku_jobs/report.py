@@ -145,13 +145,13 @@ def plot_headline(doc: Mapping, path: Path) -> Path:
 
 def write_thumbnail(source: Path, target: Path, size: int = THUMB_SIZE) -> bool:
     """A small JPEG of ``source``; False when the image cannot be read (it is then left out)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(source) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (size, size))
-            img = img.convert("RGB")
+            img = ImageOps.exif_transpose(img).convert("RGB")  # shown upright, as it was scored
             img.thumbnail((size, size))
             target.parent.mkdir(parents=True, exist_ok=True)
             img.save(target, "JPEG", quality=85)
