@@ -2,7 +2,8 @@
 
 The three stacks (``deploy/cloudformation/{foundation,fsx,iam}.yaml``) have outputs that map
 one to one onto :class:`sku_retraining.config.PipelineConfig`; this prints the JSON to store as
-the Airflow Variable ``sku_retraining_config`` (or the ``$SKU_RETRAINING_CONFIG`` file)::
+the Airflow deployment's config file, the one ``$SKU_RETRAINING_CONFIG`` names (data_bucket and the
+other deployment settings belong there, not in the Variable)::
 
     python -m deploy.render_config --region eu-west-1 --image-tag 4f2c1a9d0e1b > config.json
 

@@ -75,7 +75,7 @@ def deployed(monkeypatch_module: Any) -> Iterator[dict[str, Any]]:
         cfn.create_stack(
             StackName=IAM, TemplateBody=(TEMPLATES / "iam.yaml").read_text(),
             Capabilities=["CAPABILITY_NAMED_IAM"],
-            Parameters=_params({"FileSystemId": FILE_SYSTEM_ID}),
+            Parameters=_params({"FileSystemId": FILE_SYSTEM_ID, "MwaaEnvironmentName": "sku-retraining"}),
         )
         iam_outputs = stack_outputs(cfn, IAM)
         yield {
