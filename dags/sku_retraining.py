@@ -42,12 +42,19 @@ from datetime import UTC, datetime, timedelta
 from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 
 from sku_retraining.assets import production_model_asset
+from sku_retraining.notifications import SkuNotifier
 from sku_retraining.operators.augmentation import FsxAugmentationOperator
 from sku_retraining.operators.evaluation import SkuEvaluationOperator
 from sku_retraining.operators.training import SkuTrainingOperator
 from sku_retraining.sensors.new_batches import NewSkuBatchSensor
 
 SCHEDULE = "0 3 1 * *"  # 03:00 UTC on the 1st of each month: batches land during the month.
+
+# Trigger-form sections (Param(section=...)), in the order the form shows them.
+SECTION_DATA = "What to train on"
+SECTION_TRAINING = "Training"
+SECTION_GATES = "Promotion gates"
+SECTION_ADVANCED = "Advanced / AWS"
 
 
 @dag(
@@ -59,6 +66,8 @@ SCHEDULE = "0 3 1 * *"  # 03:00 UTC on the 1st of each month: batches land durin
     doc_md=__doc__,
     tags=["sku-retraining", "ml", "sagemaker"],
     render_template_as_native_obj=True,
+    # Channels (SNS, e-mail) and events come from the configuration when a notification fires.
+    on_failure_callback=SkuNotifier(event="run_failed"),
     default_args={
         "owner": "ml-platform",
         "retries": 2,
@@ -66,65 +75,128 @@ SCHEDULE = "0 3 1 * *"  # 03:00 UTC on the 1st of each month: batches land durin
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=30),
     },
+    # The trigger form: four sections, each ordered by how often people change the field.
+    # Every field says what it does in one line; a value the form rejects names the field
+    # ("Invalid input for param <name>: ...") and its rule, and the description says the rule in words.
     params={
+        # -- What to train on -------------------------------------------------------------
         "batch_ids": Param(
             None,
             type=["null", "array"],
             items={"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
             title="Batch ids",
-            description="Register exactly these batches instead of waiting for new ones.",
-        ),
-        "force_retrain": Param(
-            False,
-            type="boolean",
-            title="Force retrain",
-            description="Retrain on the catalogue as it is when no new batch arrived.",
+            description_md=(
+                "Register exactly these batches (one id per line, e.g. `2026-11-a`) instead of waiting "
+                "for new ones. Ids are the folder names under `incoming/` in the data bucket: letters, "
+                "digits, `.`, `_`, `-`, up to 64 characters, starting with a letter or digit. "
+                "Empty: wait for complete batches the catalogue has not registered yet."
+            ),
+            section=SECTION_DATA,
         ),
         "dry_run": Param(
             False,
             type="boolean",
             title="Dry run",
-            description="Inspect and report what registration would do, write nothing, stop there.",
+            description="Check and report what registration would do (quarantine, new SKUs, split); write nothing, stop there.",
+            section=SECTION_DATA,
+        ),
+        "force_retrain": Param(
+            False,
+            type="boolean",
+            title="Force retrain",
+            description="Retrain on the catalogue as it is even when no new batch arrived.",
+            section=SECTION_DATA,
         ),
         "variants_per_image": Param(
             4, type="integer", minimum=0, maximum=32, title="Augmented variants per train image",
+            description="Augmented copies (crop, rotate, flip, colour) written next to each train original; 0 = none.",
+            section=SECTION_DATA,
+        ),
+        # -- Training ---------------------------------------------------------------------
+        "epochs": Param(
+            None, type=["null", "integer"], minimum=1, maximum=200,
+            title="Epochs", description="Passes over the train split, 1-200; empty = the configured default.",
+            section=SECTION_TRAINING,
+        ),
+        "warm_start": Param(
+            True, type="boolean", title="Warm start from the production model",
+            description="Start from production's weights, head widened for the new SKUs (a fraction of a full retrain's cost).",
+            section=SECTION_TRAINING,
+        ),
+        "replay_fraction": Param(
+            1.0, type="number", minimum=0, maximum=1,
+            title="Replay fraction", description="With warm start: share of old SKUs' train images to train on, 0-1.",
+            section=SECTION_TRAINING,
+        ),
+        "learning_rate": Param(
+            0.1, type="number", exclusiveMinimum=0, maximum=10,
+            title="Base learning rate", description="For a global batch of 256, scaled with the real global batch; > 0, at most 10.",
+            section=SECTION_TRAINING,
+        ),
+        "per_gpu_batch_size": Param(
+            64, type="integer", minimum=1, maximum=1024, title="Images per GPU and step",
+            description="Per-GPU batch; global batch = instances x GPUs x this (1-1024).",
+            section=SECTION_TRAINING,
+        ),
+        # -- Promotion gates --------------------------------------------------------------
+        "min_top1": Param(
+            0.80, type="number", minimum=0, maximum=1, title="Gate: minimum overall top-1",
+            description="Promote only if the challenger's test top-1 over all SKUs is at least this (0-1).",
+            section=SECTION_GATES,
+        ),
+        "min_new_sku_top1": Param(
+            0.70, type="number", minimum=0, maximum=1, title="Gate: minimum new-SKU top-1",
+            description="Promote only if top-1 on this run's new SKUs is at least this (0-1).",
+            section=SECTION_GATES,
+        ),
+        "max_old_sku_regression": Param(
+            0.01, type="number", minimum=0, maximum=1,
+            title="Gate: maximum old-SKU top-1 regression vs the champion",
+            description="Reject if old SKUs' top-1 drops by more than this vs production (0.01 = one point).",
+            section=SECTION_GATES,
+        ),
+        "force_promote": Param(
+            False, type="boolean", title="Promote even if a gate fails (recorded)",
+            description="Override failed gates; the override and the failed gates are recorded with the version.",
+            section=SECTION_GATES,
+        ),
+        # -- Advanced / AWS ---------------------------------------------------------------
+        "train_instance_count": Param(
+            2, type="integer", minimum=1, maximum=16, title="Training instances",
+            description="SageMaker training instances, 1-16 (data parallel with SMDDP); local backend: ignored.",
+            section=SECTION_ADVANCED,
+        ),
+        "train_instance_type": Param(
+            "ml.p4d.24xlarge", type="string", enum=["ml.p4d.24xlarge", "ml.p4de.24xlarge"],
+            title="Training instance type (SMDDP)", description="An SMDDP-capable instance type (8 x A100 each).",
+            section=SECTION_ADVANCED,
+        ),
+        "use_spot": Param(
+            False, type="boolean", title="Managed spot training",
+            description="Cheaper, may wait for capacity; checkpoints make an interrupted job resume.",
+            section=SECTION_ADVANCED,
+        ),
+        "max_wait_hours": Param(
+            48, type="number", minimum=1, maximum=672, title="Spot: max wait (hours)",
+            description="With spot: the job's whole budget (waiting + training), 1-672 hours.",
+            section=SECTION_ADVANCED,
         ),
         "augmentation_instance_type": Param(
             "ml.c5.18xlarge", type="string", pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$",
             title="Augmentation instance type (sagemaker backend)",
+            description="A SageMaker instance type such as ml.c5.18xlarge (format ml.<family>.<size>).",
+            section=SECTION_ADVANCED,
         ),
         "augmentation_instance_count": Param(
             1, type="integer", minimum=1, maximum=20, title="Augmentation instances (sagemaker backend)",
+            description="Instances sharing the augmentation work, 1-20.",
+            section=SECTION_ADVANCED,
         ),
-        "train_instance_type": Param(
-            "ml.p4d.24xlarge", type="string", enum=["ml.p4d.24xlarge", "ml.p4de.24xlarge"],
-            title="Training instance type (SMDDP)",
+        "enable_network_isolation": Param(
+            None, type=["null", "boolean"], title="EnableNetworkIsolation",
+            description="SageMaker network isolation for the training job; empty = the configured default.",
+            section=SECTION_ADVANCED,
         ),
-        "train_instance_count": Param(2, type="integer", minimum=1, maximum=16, title="Training instances"),
-        "epochs": Param(
-            None, type=["null", "integer"], minimum=1, maximum=200,
-            title="Epochs", description="Empty: the backend's default from configuration.",
-        ),
-        "per_gpu_batch_size": Param(64, type="integer", minimum=1, maximum=1024, title="Images per GPU and step"),
-        "learning_rate": Param(
-            0.1, type="number", exclusiveMinimum=0, maximum=10,
-            title="Base learning rate", description="For a global batch of 256; scaled with the real global batch.",
-        ),
-        "warm_start": Param(True, type="boolean", title="Warm start from the production model"),
-        "replay_fraction": Param(
-            1.0, type="number", minimum=0, maximum=1,
-            title="Replay fraction", description="With warm start: share of old SKUs' train images to train on.",
-        ),
-        "use_spot": Param(False, type="boolean", title="Managed spot training"),
-        "max_wait_hours": Param(48, type="number", minimum=1, maximum=672, title="Spot: max wait (hours)"),
-        "enable_network_isolation": Param(None, type=["null", "boolean"], title="EnableNetworkIsolation"),
-        "min_top1": Param(0.80, type="number", minimum=0, maximum=1, title="Gate: minimum overall top-1"),
-        "min_new_sku_top1": Param(0.70, type="number", minimum=0, maximum=1, title="Gate: minimum new-SKU top-1"),
-        "max_old_sku_regression": Param(
-            0.01, type="number", minimum=0, maximum=1,
-            title="Gate: maximum old-SKU top-1 regression vs the champion",
-        ),
-        "force_promote": Param(False, type="boolean", title="Promote even if a gate fails (recorded)"),
     },
 )
 def sku_retraining():
@@ -211,7 +283,7 @@ def sku_retraining():
         decision = context["ti"].xcom_pull(task_ids="decide", key="decision")
         return promote_challenger(
             run_id=context["run_id"], snapshot=snapshot, training=training, evaluation=evaluation,
-            decision=decision,
+            decision=decision, context=context,
         )
 
     @task
@@ -220,14 +292,19 @@ def sku_retraining():
 
         context = get_current_context()
         decision = context["ti"].xcom_pull(task_ids="decide", key="decision")
-        return reject_challenger(run_id=context["run_id"], evaluation=evaluation, decision=decision)
+        return reject_challenger(run_id=context["run_id"], evaluation=evaluation, decision=decision,
+                                 context=context)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def finish(evaluation: dict) -> dict:
         from sku_retraining.tasks.decision import summarise_run
 
-        return summarise_run(run_id=get_current_context()["run_id"], evaluation=evaluation)
+        context = get_current_context()
+        decision = context["ti"].xcom_pull(task_ids="decide", key="decision")
+        return summarise_run(run_id=context["run_id"], evaluation=evaluation, decision=decision)
 
+    # The tasks that cost money (SageMaker jobs) tell someone when they fail for good.
+    paid_task_failed = SkuNotifier(event="task_failed")
     migrated = migrate_catalogue()
     registered = register_batches(wait_for_new_batches.output)
     proceed = continue_unless_dry_run(registered)
@@ -238,6 +315,7 @@ def sku_retraining():
         augment_inputs=augment_inputs,
         instance_type="{{ params.augmentation_instance_type }}",
         instance_count="{{ params.augmentation_instance_count }}",
+        on_failure_callback=paid_task_failed,
     )
     variants = register_variants(augment.output)
     manifests = export_manifests(wait_for_new_batches.output)
@@ -257,9 +335,11 @@ def sku_retraining():
         use_spot="{{ params.use_spot }}",
         max_wait_hours="{{ params.max_wait_hours }}",
         network_isolation="{{ params.enable_network_isolation }}",
+        on_failure_callback=paid_task_failed,
     )
     evaluate = SkuEvaluationOperator(
         task_id="evaluate_model", training=train.output, snapshot=manifests, production=production,
+        on_failure_callback=paid_task_failed,
     )
     evaluation = collect_evaluation(evaluate.output)
     branch = decide(evaluation)

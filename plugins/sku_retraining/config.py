@@ -71,8 +71,11 @@ class FsxConfig:
 class SplitConfig:
     train_fraction: float = 0.8
     val_fraction: float = 0.1
-    # A SKU with fewer originals than this keeps them all in train until it has enough.
+    # A SKU with fewer split groups than this keeps them all in train until it has enough.
     min_originals_for_holdout: int = 3
+    # Originals of one SKU whose perceptual hashes differ in at most this many bits (of 64)
+    # are near-duplicates and share a split group (catalogue/grouping.py); -1 = no clustering.
+    near_duplicate_max_distance: int = 8
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,10 @@ class PipelineConfig:
             raise ConfigError(
                 "split.train_fraction and split.val_fraction must be in (0, 1) and sum to < 1 "
                 f"(got {s.train_fraction}, {s.val_fraction})"
+            )
+        if not -1 <= s.near_duplicate_max_distance <= 24:
+            raise ConfigError(
+                f"split.near_duplicate_max_distance must be -1 (off) or 0..24 bits, got {s.near_duplicate_max_distance}"
             )
 
 

@@ -91,3 +91,51 @@ print(f"{elapsed:.4f} {','.join(loaded)}")
           f"(interpreter + Airflow import {time.perf_counter() - started:.1f} s)")
     assert banned == "", f"{dag_file.name} imports {banned} at parse time"
     # The time is printed, not asserted: speed is measured by bench/, never by timed tests.
+
+
+FORM_SECTIONS = ["What to train on", "Training", "Promotion gates", "Advanced / AWS"]
+
+
+def test_trigger_form_sections_and_descriptions(dag_bag):
+    """The trigger form: every param in one of the four sections (in this order, each section's
+    fields together), with a title and a one-line description."""
+    params = dag_bag.dags["sku_retraining"].params
+    sections_in_order = []
+    for name in params:
+        param = params.get_param(name)
+        schema = param.schema
+        assert schema.get("section") in FORM_SECTIONS, f"param {name} has no form section"
+        if not sections_in_order or sections_in_order[-1] != schema["section"]:
+            sections_in_order.append(schema["section"])
+        assert schema.get("title"), f"param {name} has no title"
+        description = param.description or schema.get("description_md") or ""
+        assert description.strip(), f"param {name} has no description"
+        if param.description:
+            assert "\n" not in param.description, f"param {name}: description is not one line"
+    assert sections_in_order == FORM_SECTIONS, f"form sections out of order or split: {sections_in_order}"
+    assert list(params)[:2] == ["batch_ids", "dry_run"], "the most used fields come first"
+
+
+def test_rejected_form_value_names_the_field(dag_bag):
+    """What the trigger form shows when the API refuses a value: the param's name and why."""
+    import copy
+
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    params = copy.deepcopy(dag_bag.dags["sku_retraining"].params)
+    with pytest.raises(ParamValidationError, match=r"Invalid input for param batch_ids: '\.\./etc' does not match"):
+        params["batch_ids"] = ["../etc"]
+    with pytest.raises(ParamValidationError, match=r"Invalid input for param epochs: 0 is less than the minimum of 1"):
+        params["epochs"] = 0
+
+
+def test_failure_notifications_are_wired(dag_bag):
+    from sku_retraining.notifications import SkuNotifier
+
+    dag = dag_bag.dags["sku_retraining"]
+    callbacks = dag.on_failure_callback if isinstance(dag.on_failure_callback, list) else [dag.on_failure_callback]
+    assert any(isinstance(cb, SkuNotifier) and cb.event == "run_failed" for cb in callbacks)
+    for task_id in ("augment_on_fsx", "train_model", "evaluate_model"):
+        task_callbacks = dag.get_task(task_id).on_failure_callback or []
+        task_callbacks = task_callbacks if isinstance(task_callbacks, list) else [task_callbacks]
+        assert any(isinstance(cb, SkuNotifier) and cb.event == "task_failed" for cb in task_callbacks), task_id

@@ -44,23 +44,25 @@ def decide_promotion(evaluation_result: Mapping[str, Any], *, params: Mapping[st
     return decision.as_dict()
 
 
-def _notify(cfg: PipelineConfig, subject: str, message: str) -> None:
-    """Publish to the configured SNS topic, if any (optional; failures are logged, not raised)."""
-    topic = cfg.notifications.sns_topic_arn
-    if not topic:
-        return
-    from airflow.providers.amazon.aws.hooks.sns import SnsHook
+def _notify(
+    cfg: PipelineConfig, event: str, *, run_id: str, subject: str, message: str,
+    context: Mapping[str, Any] | None, task_id: str,
+) -> list[str]:
+    """The promote/reject notification, through :mod:`sku_retraining.notifications` (the
+    provider notifiers the configuration names; failures are logged there, never raised)."""
+    from sku_retraining.notifications import dag_id_from_context, decision_notice, send
 
-    try:
-        SnsHook(aws_conn_id=cfg.aws_conn_id).publish_to_target(target_arn=topic, message=message, subject=subject)
-    except Exception:  # noqa: BLE001 - a notification must never undo a promotion
-        log.exception("Could not notify %s", topic)
+    notice = decision_notice(event, dag_id=dag_id_from_context(context or {}), run_id=run_id, subject=subject,
+                             message=message, task_id=task_id)
+    return send(notice, context, cfg=cfg)
 
 
 def promote_challenger(
     *, run_id: str, snapshot: Mapping, training: Mapping, evaluation: Mapping, decision: Mapping | None,
-    cfg: PipelineConfig | None = None,
+    cfg: PipelineConfig | None = None, context: Mapping[str, Any] | None = None,
 ) -> dict:
+    """Promote the challenger (:func:`~sku_retraining.tasks.promotion.promote`) and say so on the
+    configured notification channels (``context``: the task's, for the run's link)."""
     from sku_retraining.tasks.promotion import job_outputs_from_results, lineage_from_results, promote
 
     cfg = cfg or load_config_from_airflow()
@@ -74,26 +76,47 @@ def promote_challenger(
         cfg=cfg,
     )
     log.info("%s", result["message"])
-    _notify(cfg, f"{cfg.model_name} v{result['version']:04d} promoted", result["message"])
+    _notify(cfg, "promoted", run_id=run_id, subject=f"{cfg.model_name} v{result['version']:04d} promoted",
+            message=f"{result['message']}\nEvaluation report: {evaluation.get('report_s3_uri')}",
+            context=context, task_id="promote_model")
     return result
 
 
 def reject_challenger(
-    *, run_id: str, evaluation: Mapping, decision: Mapping, cfg: PipelineConfig | None = None
+    *, run_id: str, evaluation: Mapping, decision: Mapping, cfg: PipelineConfig | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> dict:
+    """Record the rejection with its reasons and say so on the configured notification channels."""
     from sku_retraining.tasks.promotion import record_rejection
 
     cfg = cfg or load_config_from_airflow()
     row = record_rejection(run_id=run_id, reasons=list(decision["reasons"]), gates=list(decision["gates"]), cfg=cfg)
-    message = (f"Challenger of run {run_id} rejected, production unchanged: {'; '.join(decision['reasons'])}. "
-               f"Report: {evaluation.get('report_s3_uri')}")
+    message = (f"Challenger of run {run_id} rejected, production unchanged.\n"
+               f"Reasons: {'; '.join(decision['reasons'])}\n"
+               f"Evaluation report: {evaluation.get('report_s3_uri')}")
     log.warning("%s", message)
-    _notify(cfg, f"{cfg.model_name}: challenger rejected", message)
+    _notify(cfg, "rejected", run_id=run_id, subject=f"{cfg.model_name}: challenger rejected", message=message,
+            context=context, task_id="reject_model")
     return row
 
 
-def summarise_run(*, run_id: str, evaluation: Mapping, cfg: PipelineConfig | None = None) -> dict:
-    """One readable block at the end of the run's log."""
+def summary_table(rows: list[tuple[str, str]]) -> str:
+    """Two aligned columns in a box, for the task log (monospace in the Airflow UI)."""
+    width = max(len(k) for k, _ in rows)
+    value_width = max(len(v) for _, v in rows)
+    rule = f"+-{'-' * width}-+-{'-' * value_width}-+"
+    lines = [rule, *(f"| {k:<{width}} | {v:<{value_width}} |" for k, v in rows), rule]
+    return "\n".join(lines)
+
+
+def summarise_run(
+    *, run_id: str, evaluation: Mapping, decision: Mapping | None = None, cfg: PipelineConfig | None = None,
+) -> dict:
+    """The run's summary table at the end of the log (``finish``): outcome and why, production,
+    the challenger's and the champion's numbers, where the report is. Returns the same as a dict.
+
+    :param decision: ``decide``'s ``Decision.as_dict()`` (``None`` when the run stopped before it).
+    """
     from sku_retraining.tasks.promotion import read_production
 
     cfg = cfg or load_config_from_airflow()
@@ -105,24 +128,38 @@ def summarise_run(*, run_id: str, evaluation: Mapping, cfg: PipelineConfig | Non
     def fmt(value: Any) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
+    from_this_run = pointer is not None and pointer.get("dag_run_id") == run_id
+    if decision is None:
+        outcome = "no decision (the run stopped before the gates)"
+    elif from_this_run:
+        outcome = "PROMOTED" + (" (force_promote)" if decision.get("forced") else "")
+    elif decision.get("promote"):
+        outcome = "promotion decided, not (yet) in production: see promote_model"
+    else:
+        outcome = "REJECTED: " + "; ".join(decision.get("reasons") or ["see decide"])
     summary = {
         "run_id": run_id,
+        "outcome": outcome,
         "production_version": None if pointer is None else pointer["version"],
-        "production_from_this_run": pointer is not None and pointer.get("dag_run_id") == run_id,
+        "production_from_this_run": from_this_run,
         "challenger": {k: challenger.get(k) for k in ("top1", "top5", "new_sku_top1", "old_sku_top1")},
         "champion": {k: champion.get(k) for k in ("top1", "old_sku_top1")} if champion else None,
         "report_s3_uri": evaluation.get("report_s3_uri"),
         "report_local_path": evaluation.get("report_local_path"),
     }
-    log.info(
-        "Run %s: production is %s%s\n  challenger top-1 %s | new SKUs %s | old SKUs %s\n  champion old SKUs %s\n"
-        "  report: %s%s",
-        run_id,
-        "none" if pointer is None else f"v{pointer['version']:04d}",
-        " (promoted by this run)" if summary["production_from_this_run"] else "",
-        fmt(challenger.get("top1")), fmt(challenger.get("new_sku_top1")), fmt(challenger.get("old_sku_top1")),
-        fmt(champion.get("old_sku_top1")) if champion else "n/a (first model)",
-        evaluation.get("report_s3_uri"),
-        f"\n  local: {evaluation['report_local_path']}" if evaluation.get("report_local_path") else "",
-    )
+    rows = [
+        ("run", run_id),
+        ("outcome", outcome),
+        ("production", "none" if pointer is None else
+         f"v{pointer['version']:04d}" + (" (promoted by this run)" if from_this_run else " (unchanged)")),
+        ("challenger top-1 / top-5", f"{fmt(challenger.get('top1'))} / {fmt(challenger.get('top5'))}"),
+        ("challenger new-SKU top-1", fmt(challenger.get("new_sku_top1"))),
+        ("challenger old-SKU top-1", fmt(challenger.get("old_sku_top1"))),
+        ("champion top-1 / old-SKU", f"{fmt(champion.get('top1'))} / {fmt(champion.get('old_sku_top1'))}"
+         if champion else "n/a (first model)"),
+        ("evaluation report", str(evaluation.get("report_s3_uri"))),
+    ]
+    if evaluation.get("report_local_path"):
+        rows.append(("report (local copy)", str(evaluation["report_local_path"])))
+    log.info("Run summary:\n%s", summary_table(rows))
     return summary
