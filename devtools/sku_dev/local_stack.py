@@ -60,7 +60,7 @@ PG_START_TIMEOUT_S = 30.0
 PG_STOP_TIMEOUT_S = 30.0
 MOTO_START_TIMEOUT_S = 15.0
 # Shared, world-traversable place for what an unprivileged user must reach when we run as root.
-SHARED_TMP = Path("/var/tmp")
+SHARED_TMP = Path("/var/tmp")  # noqa: S108 - a fixed parent the PostgreSQL user can reach (root runs)
 
 _PG_TOOLS = ("initdb", "pg_ctl", "postgres")
 # Linux limit for sun_path is 108 bytes including the NUL.
@@ -296,7 +296,7 @@ def _embedded_version() -> str:
 
 def _make_world_readable(root: Path) -> None:
     for dirpath, _dirnames, filenames in os.walk(root):
-        os.chmod(dirpath, 0o755)
+        os.chmod(dirpath, 0o755)  # noqa: S103 - PostgreSQL's own user must read the test data dir
         for name in filenames:
             path = Path(dirpath, name)
             if not path.is_symlink():

@@ -142,7 +142,7 @@ def _float_hp(hps: dict[str, object], name: str, default: float) -> float:
 def variant_rng(source_sha256: str, k: int, seed: int) -> random.Random:
     """The per-variant RNG; Python's int seeding is stable across hosts and versions."""
     digest = hashlib.sha256(f"{source_sha256}:{k}:{seed}".encode()).digest()
-    return random.Random(int.from_bytes(digest, "big"))
+    return random.Random(int.from_bytes(digest, "big"))  # noqa: S311 - augmentation, not crypto
 
 
 def draw_params(rng: random.Random) -> dict:

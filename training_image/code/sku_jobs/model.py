@@ -276,7 +276,7 @@ def extract_model_archive(archive: str | os.PathLike, out: str | os.PathLike) ->
     archive, out = Path(archive), Path(out)
     with tarfile.open(archive) as tar:
         try:
-            tar.extractall(out, filter="data")  # refuses absolute paths, "..", links out, devices
+            tar.extractall(out, filter="data")  # strips a leading "/"; refuses "..", links out, devices
         # One exception type for callers, naming the member (FilterError: Python >= 3.11.4).
         except getattr(tarfile, "FilterError", ()) as exc:
             raise UnsafeArchiveError(f"{archive}: unsafe member in archive: {exc}") from None
