@@ -145,3 +145,69 @@ def format_evaluation_line(values: dict[str, float | None]) -> str:
 def parse_evaluation_metric_lines(text: str) -> dict[str, list[float]]:
     """Apply ``EVALUATION_METRIC_DEFINITIONS`` to a log, line by line, as CloudWatch would."""
     return _parse(EVALUATION_METRIC_DEFINITIONS, text)
+
+
+# --------------------------------------------------------------------------- progress line
+#
+# For the person watching the task log (not for CloudWatch): ``train.py`` prints, every
+# ``--print-freq`` steps and at the end of every epoch::
+#
+#     PROGRESS epoch 3/10 step 120/450 (27%) | 812.3 img/s | loss 1.2345 | ETA 1h02m | best val top-1 0.8123 (epoch 2)
+#
+# It never contains ``METRIC``, so the metric regexes above can never read it.
+
+PROGRESS_PREFIX = "PROGRESS"
+PROGRESS_RE = re.compile(
+    rf"{PROGRESS_PREFIX} epoch (?P<epoch>[0-9]+)/(?P<epochs>[0-9]+) step (?P<step>[0-9]+)/(?P<steps>[0-9]+) "
+    r"\((?P<percent>[0-9]+)%\) \| (?P<images_per_sec>[0-9]+\.[0-9]) img/s \| loss (?P<loss>\S+) \| "
+    r"ETA (?P<eta>\S+) \| best val top-1 (?P<best>[0-9]+\.[0-9]{4} \(epoch [0-9]+\)|-)"
+)
+
+
+def format_duration(seconds: float | None) -> str:
+    """``45s``, ``12m05s``, ``3h07m``, ``2d04h``; ``?`` when unknown (no step timed yet)."""
+    if seconds is None or seconds != seconds or seconds < 0 or seconds == float("inf"):
+        return "?"
+    total = int(round(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def format_progress_line(
+    *,
+    epoch: int,
+    epochs: int,
+    step: int,
+    steps: int,
+    images_per_sec: float,
+    loss: float,
+    eta_seconds: float | None,
+    best_val_top1: float | None,
+    best_epoch: int | None,
+) -> str:
+    """The human-readable progress line (see above); ``best_val_top1`` ``None``: no epoch validated yet.
+
+    ``step`` counts completed steps of ``epoch`` (``step == steps``: the epoch's training is done).
+    """
+    percent = int(100 * step / steps) if steps else 100
+    best = "-" if best_val_top1 is None or best_val_top1 < 0 else f"{best_val_top1:.4f} (epoch {int(best_epoch or 0)})"
+    return (
+        f"{PROGRESS_PREFIX} epoch {int(epoch)}/{int(epochs)} step {int(step)}/{int(steps)} ({percent}%) | "
+        f"{_fmt(images_per_sec, 1)} img/s | loss {_fmt(loss, 4)} | ETA {format_duration(eta_seconds)} | "
+        f"best val top-1 {best}"
+    )
+
+
+def eta_seconds(*, elapsed: float, done_steps: int, total_steps: int) -> float | None:
+    """Remaining time at the rate so far (``None`` before the first step is done)."""
+    if done_steps <= 0 or elapsed <= 0:
+        return None
+    return elapsed / done_steps * max(0, total_steps - done_steps)

@@ -48,6 +48,9 @@ from sku_jobs.distributed import DistInfo, all_reduce_sum, barrier, init_distrib
 from sku_jobs.model import (
     ARCHS,
     DEFAULT_FREEZE,
+    INIT_IMAGENET,
+    INIT_RANDOM,
+    INIT_WARM_START,
     SkuNet,
     UnsafeArchiveError,
     atomic_torch_save,
@@ -60,6 +63,7 @@ from sku_jobs.model import (
     model_from_artifact,
     parse_freeze,
     read_artifact,
+    resolve_freeze,
     save_model_artifact,
     widen_head,
 )
@@ -137,9 +141,17 @@ def _options(env: JobEnv) -> list[tuple[str, object, object, str]]:
         ("channels-last", str2bool, True, "channels_last memory format on GPU"),
         ("head-hidden", int, 576, "hidden width of the FC head"),
         ("dropout", float, 0.2, "dropout in the FC head"),
-        ("freeze", str, ",".join(DEFAULT_FREEZE), "comma-separated backbone modules to freeze ('' = none)"),
+        ("freeze", str, "auto",
+         f"backbone modules to freeze: auto ({','.join(DEFAULT_FREEZE)} when ImageNet weights or a warm-start "
+         "model are loaded, nothing at random init), none, or a comma-separated list (obeyed as given)"),
         ("warm-start", str2bool, True, "start from the production model in the 'model' channel if present"),
         ("replay-fraction", float, 1.0, "with warm start: fraction of old SKUs' train images to replay (1 = all)"),
+        ("replay-balanced", str2bool, False,
+         "with warm start: spend the replay budget as an equal quota per old SKU (else per-SKU fraction)"),
+        ("backbone-lr-mult", float, 1.0, "learning rate of the backbone relative to the head's (e.g. 0.1)"),
+        ("distill-weight", float, 0.0,
+         "with warm start: weight of the distillation loss from the warm-start model on old-SKU logits (0 = off)"),
+        ("distill-temperature", float, 2.0, "softmax temperature of the distillation loss"),
         ("checkpoint-dir", str, str(env.checkpoint_dir), "where rank 0 writes per-epoch checkpoints"),
         ("resume", str, "auto", "auto (latest checkpoint in --checkpoint-dir), none, or a checkpoint path"),
         ("keep-checkpoints", int, 2, "epoch checkpoints to keep"),
@@ -186,9 +198,13 @@ def parse_args(argv: list[str] | None, env: JobEnv) -> argparse.Namespace:
         raise InputError("--image-size must be >= 32")
     if not 0.0 <= args.replay_fraction <= 1.0:
         raise InputError("--replay-fraction must be within [0, 1]")
+    if not 0.0 < args.backbone_lr_mult <= 10.0:
+        raise InputError("--backbone-lr-mult must be within (0, 10]")
+    if args.distill_weight < 0 or args.distill_temperature <= 0:
+        raise InputError("--distill-weight must be >= 0 and --distill-temperature > 0")
     if args.lr <= 0:
         raise InputError("--lr must be > 0")
-    args.freeze = ",".join(parse_freeze(args.freeze))
+    args.freeze = "auto" if args.freeze.strip().lower() == "auto" else ",".join(parse_freeze(args.freeze))
     return args
 
 
@@ -248,10 +264,14 @@ class Inputs:
         model_channel = channel_dir(env, "model", required=False) if args.warm_start else None
         self.warm_model = _unpack_model_channel(model_channel) if model_channel else None
         self.weights = None if self.warm_model else _weights_file(args, env)
+        self.backbone_init = (
+            INIT_WARM_START if self.warm_model else INIT_IMAGENET if self.weights is not None else INIT_RANDOM
+        )
         digest = hashlib.sha256()
         for name in ("classes.json", "train.csv", "val.csv"):
             digest.update((manifests / name).read_bytes())
-        for key in ("arch", "image_size", "head_hidden", "replay_fraction", "freeze", "epochs"):
+        for key in ("arch", "image_size", "head_hidden", "replay_fraction", "freeze", "epochs",
+                    "replay_balanced", "backbone_lr_mult", "distill_weight", "distill_temperature"):
             digest.update(f"{key}={getattr(args, key)};".encode())
         digest.update(f"warm={self.warm_model is not None}".encode())
         self.fingerprint = digest.hexdigest()[:16]
@@ -342,6 +362,19 @@ def _report_bad(paths: list[str], seen: set[str]) -> None:
             log(f"WARNING: skipping undecodable image {p}", all_ranks=True)
 
 
+def _progress_line(progress: dict | None, epoch: int, epochs: int, step: int, steps: int, rate: float,
+                   loss: float) -> str:
+    """The ``PROGRESS`` line (format: ``sku_contracts.metrics``); ETA over all remaining epochs."""
+    progress = progress or {}
+    best = progress.get("best") or {}
+    eta = metric_lines.eta_seconds(elapsed=time.perf_counter() - progress.get("start", time.perf_counter()),
+                                   done_steps=progress.get("done_steps", 0),
+                                   total_steps=progress.get("total_steps", 0))
+    return metric_lines.format_progress_line(
+        epoch=epoch, epochs=epochs, step=step, steps=steps, images_per_sec=rate, loss=loss, eta_seconds=eta,
+        best_val_top1=best.get("val_top1"), best_epoch=best.get("epoch"))
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -354,8 +387,13 @@ def train_one_epoch(
     args: argparse.Namespace,
     amp_dtype: torch.dtype | None,
     bad_paths: set[str],
+    progress: dict | None = None,
 ) -> dict[str, float]:
-    """One pass over the (sharded) train set; returns global loss and throughput."""
+    """One pass over the (sharded) train set; returns global loss and throughput.
+
+    ``progress`` (``start``, ``done_steps``, ``total_steps``, ``best``): the job's progress so far,
+    for the ``PROGRESS`` line a person reads (epoch k/N, img/s, ETA, best val top-1); updated here.
+    """
     model.train()
     device = info.device
     channels_last = device.type == "cuda" and args.channels_last
@@ -378,7 +416,8 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         with torch.amp.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             output = model(images)
-            loss = criterion(output, targets)
+            loss = (criterion(output, targets, images) if getattr(criterion, "needs_inputs", False)
+                    else criterion(output, targets))
         if empty:
             loss = loss * 0.0
         optimizer.zero_grad(set_to_none=True)
@@ -389,11 +428,12 @@ def train_one_epoch(
         if not empty:
             loss_sum += loss.detach().double() * len(targets)
             seen += len(targets)
-        if args.print_freq and step % args.print_freq == 0:
-            log(
-                f"epoch {epoch} step {step + 1}/{steps} loss {loss.item():.4f} "
-                f"lr {optimizer.param_groups[0]['lr']:.6f}"
-            )
+        if progress is not None:
+            progress["done_steps"] += 1
+        if args.print_freq and (step % args.print_freq == 0 or step + 1 == steps):
+            # Throughput of this rank times the ranks (shards are equal): the job's img/s.
+            rate = seen * info.world_size / max(time.perf_counter() - start, 1e-9)
+            log(_progress_line(progress, epoch, args.epochs, step + 1, steps, rate, loss.item()))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -491,13 +531,50 @@ def class_mean_embeddings(
 # --------------------------------------------------------------------------- main
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            # Biases and norm scales are 1-d; decaying them only hurts.
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _param_groups(model: SkuNet, weight_decay: float, lr: float, backbone_lr_mult: float = 1.0) -> list[dict]:
+    """Decay / no-decay groups for the head and for the backbone (at ``lr * backbone_lr_mult``)."""
+    groups = []
+    for part, part_lr in ((model.head, lr), (model.backbone, lr * backbone_lr_mult)):
+        decay, no_decay = [], []
+        for p in part.parameters():
+            if p.requires_grad:
+                # Biases and norm scales are 1-d; decaying them only hurts.
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        groups += [{"params": decay, "weight_decay": weight_decay, "lr": part_lr},
+                   {"params": no_decay, "weight_decay": 0.0, "lr": part_lr}]
+    return [g for g in groups if g["params"]]
+
+
+class DistillationLoss(nn.Module):
+    """Cross-entropy plus ``weight`` x T^2 x KL(teacher || student) over the teacher's classes.
+
+    The teacher is the warm-start model as loaded (before its head was widened): on every
+    image of the batch (replayed old-SKU images and new ones alike, as in "learning without
+    forgetting"), the student's old-class logits are pulled towards the champion's, which
+    keeps what it knew about the old SKUs while the new rows learn. Called with the batch's
+    images (``needs_inputs``), the teacher runs under ``no_grad`` in eval mode.
+    """
+
+    needs_inputs = True
+
+    def __init__(self, base: nn.Module, teacher: nn.Module, weight: float, temperature: float) -> None:
+        super().__init__()
+        self.base = base
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.weight = float(weight)
+        self.temperature = float(temperature)
+
+    def forward(self, output: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        loss = self.base(output, targets)
+        with torch.no_grad():
+            teacher_logits = self.teacher(images).float()
+        old = teacher_logits.shape[1]
+        t = self.temperature
+        kd = F.kl_div(F.log_softmax(output[:, :old].float() / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                      reduction="batchmean", log_target=True)
+        return loss + self.weight * t * t * kd
 
 
 def _default_workers(info: DistInfo) -> int:
@@ -513,9 +590,13 @@ def _write_json(path: Path, doc: object) -> None:
 
 
 def _warm_start(
-    args: argparse.Namespace, inputs: Inputs, info: DistInfo, workers: int, amp_dtype: torch.dtype | None
-) -> tuple[SkuNet, int]:
-    """Load the production model and widen its head to the new class count."""
+    args: argparse.Namespace, inputs: Inputs, info: DistInfo, workers: int, amp_dtype: torch.dtype | None,
+    freeze: tuple[str, ...],
+) -> tuple[SkuNet, int, SkuNet | None]:
+    """Load the production model and widen its head to the new class count.
+
+    Returns (model, old class count, the model as loaded when distillation is on, else None).
+    """
     art = read_artifact(inputs.warm_model)
     old_n = int(art["num_classes"])
     if art["arch"] != args.arch or int(art["head_hidden"]) != args.head_hidden:
@@ -531,7 +612,9 @@ def _warm_start(
     for i, (old, new) in enumerate(zip(art["classes"], inputs.classes, strict=False)):
         if old != new:
             raise InputError(f"class index {i} is {old!r} in the warm-start model but {new!r} in classes.json")
-    model = model_from_artifact(art, parse_freeze(args.freeze)).to(info.device)
+    model = model_from_artifact(art, freeze).to(info.device)
+    # The champion as loaded, before its head grows: the distillation teacher.
+    teacher = model_from_artifact(art).to(info.device).eval() if args.distill_weight > 0 else None
     new_ids = list(range(old_n, inputs.num_classes))
     embeddings, reference = {}, None
     if new_ids:
@@ -540,13 +623,13 @@ def _warm_start(
         )
     # Same seed on every rank: the random fallback rows must agree before DDP starts.
     widen_head(model, inputs.num_classes, embeddings, torch.Generator().manual_seed(args.seed), reference)
-    freeze_backbone(model, parse_freeze(args.freeze))
+    freeze_backbone(model, freeze)
     log(
         f"Warm start from {inputs.warm_model}: {old_n} -> {inputs.num_classes} classes "
         f"({len(new_ids)} new: {len(embeddings)} initialised from train-image embeddings, "
         f"{len(new_ids) - len(embeddings)} random)"
     )
-    return model, old_n
+    return model, old_n, teacher
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -587,14 +670,17 @@ def run_training(args: argparse.Namespace, env: JobEnv, inputs: Inputs, info: Di
     barrier(info)  # nobody may read the checkpoint dir while rank 0 clears it
 
     torch.manual_seed(args.seed)  # identical init on every rank
-    freeze = parse_freeze(args.freeze)
+    # The freeze policy follows the weights actually loaded (a resumed run has the same inputs).
+    freeze, freeze_line = resolve_freeze(args.freeze, inputs.backbone_init)
+    log(f"Freeze policy: {freeze_line}")
     old_num_classes: int | None = None
+    teacher: SkuNet | None = None
     if state is not None:
         model = build_model(args.arch, inputs.num_classes, args.head_hidden, args.dropout, freeze)
         model.load_state_dict(state["model"])
         old_num_classes = state.get("old_num_classes")
     elif inputs.warm_model is not None:
-        model, old_num_classes = _warm_start(args, inputs, info, workers, amp_dtype)
+        model, old_num_classes, teacher = _warm_start(args, inputs, info, workers, amp_dtype, freeze)
     else:
         model = build_model(args.arch, inputs.num_classes, args.head_hidden, args.dropout, freeze)
         if inputs.weights is not None:
@@ -606,16 +692,18 @@ def run_training(args: argparse.Namespace, env: JobEnv, inputs: Inputs, info: Di
     log(
         f"PARAMS total={total:,} trainable={trainable:,} frozen={total - trainable:,} "
         f"(arch={args.arch} num_classes={inputs.num_classes} head_hidden={args.head_hidden} "
-        f"freeze={args.freeze or 'none'})"
+        f"frozen={','.join(freeze) or 'none'})"
     )
 
     train_samples = inputs.train
     if old_num_classes is not None:
-        train_samples = select_replay(inputs.train, old_num_classes, args.replay_fraction, args.seed)
+        train_samples = select_replay(inputs.train, old_num_classes, args.replay_fraction, args.seed,
+                                      balanced=args.replay_balanced)
         new_count = sum(1 for s in inputs.train if s.class_index >= old_num_classes)
         log(
             f"Replay: {len(train_samples)} train images = {new_count} of new SKUs + "
             f"{len(train_samples) - new_count} of {len(inputs.train) - new_count} old at fraction {args.replay_fraction}"
+            f" ({'an equal quota per old SKU' if args.replay_balanced else 'per old SKU'})"
         )
         if not train_samples:
             raise InputError("empty train set after replay selection (no new SKUs and --replay-fraction 0)")
@@ -630,8 +718,17 @@ def run_training(args: argparse.Namespace, env: JobEnv, inputs: Inputs, info: Di
 
     global_batch = args.batch_size * info.world_size
     lr = args.lr * global_batch / REFERENCE_BATCH
-    optimizer = torch.optim.SGD(_param_groups(unwrapped, args.weight_decay), lr=lr, momentum=args.momentum)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    optimizer = torch.optim.SGD(_param_groups(unwrapped, args.weight_decay, lr, args.backbone_lr_mult),
+                                lr=lr, momentum=args.momentum)
+    criterion: nn.Module = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    if teacher is None and state is not None and old_num_classes and args.distill_weight > 0 and inputs.warm_model:
+        teacher = model_from_artifact(read_artifact(inputs.warm_model)).to(device).eval()  # resumed run
+    if teacher is not None:
+        criterion = DistillationLoss(criterion, teacher, args.distill_weight, args.distill_temperature)
+        log(f"Distillation from the warm-start model on its {old_num_classes} classes: "
+            f"weight {args.distill_weight}, temperature {args.distill_temperature}")
+    if args.backbone_lr_mult != 1.0:
+        log(f"Backbone learning rate: {args.backbone_lr_mult} x the head's")
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     size = args.image_size
@@ -670,10 +767,12 @@ def run_training(args: argparse.Namespace, env: JobEnv, inputs: Inputs, info: Di
 
     bad_paths: set[str] = set()
     best_state: dict[str, torch.Tensor] | None = None
+    progress = {"start": time.perf_counter(), "done_steps": 0, "best": best,
+                "total_steps": steps_per_epoch * max(0, args.epochs - start_epoch + 1)}
     for epoch in range(start_epoch, args.epochs + 1):
         sampler.set_epoch(epoch)
         tr = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, info, epoch, args,
-                             amp_dtype, bad_paths)
+                             amp_dtype, bad_paths, progress)
         ev = evaluate(unwrapped, val_loader, info, amp_dtype, channels_last, bad_paths)
         record = {
             "epoch": epoch, "train_loss": tr["loss"], "val_loss": ev["loss"], "val_top1": ev["top1"],
@@ -686,6 +785,7 @@ def run_training(args: argparse.Namespace, env: JobEnv, inputs: Inputs, info: Di
         improved = ev["top1"] > best["val_top1"]  # identical on all ranks (all-reduced)
         if improved:
             best = {"epoch": epoch, "val_top1": ev["top1"], "val_top5": ev["top5"], "val_loss": ev["loss"]}
+            progress["best"] = best
             # Every rank holds the same weights; a CPU copy saves reading the file back later.
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.state_dict().items()}
         if info.is_main:
@@ -734,6 +834,16 @@ def write_outputs(env, ckpt_dir, inputs, args, info, history, best, test, total,
         "global_batch": args.batch_size * info.world_size, "skipped_images": sorted(bad_paths),
         "torch_version": str(torch.__version__),
         "final_val_top1": history[-1]["val_top1"] if history else None,
+        # What this run cost and how it started (warm-start recipes are compared on these).
+        "compute": {
+            "train_seconds": sum(r["seconds"] for r in history),
+            "train_images": sum(r["train_images"] for r in history),
+            "epochs": len(history),
+            "backbone_init": inputs.backbone_init,
+            "frozen": list(resolve_freeze(args.freeze, inputs.backbone_init)[0]),
+            "replay_fraction": args.replay_fraction, "replay_balanced": args.replay_balanced,
+            "backbone_lr_mult": args.backbone_lr_mult, "distill_weight": args.distill_weight,
+        },
     }
     if not all(math.isfinite(r["train_loss"]) for r in history):
         doc["warning"] = "non-finite train loss in some epochs"

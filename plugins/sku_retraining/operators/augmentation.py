@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sku_retraining.config import PipelineConfig
+from sku_retraining.operators.links import SageMakerTrainingJobLink, SageMakerTrainingLogsLink
 from sku_retraining.operators.sagemaker_job import SkuSageMakerJobOperator
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ class FsxAugmentationOperator(SkuSageMakerJobOperator):
     :param seed: augmentation seed (variants are deterministic per image and seed).
     """
 
+    # Buttons in the UI: the job in the SageMaker console and CloudWatch (sagemaker backend).
+    operator_extra_links = (SageMakerTrainingJobLink(), SageMakerTrainingLogsLink())
     template_fields: Sequence[str] = (
         *SkuSageMakerJobOperator.template_fields, "augment_inputs", "instance_type", "instance_count",
     )

@@ -6,6 +6,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sku_retraining.config import PipelineConfig
+from sku_retraining.operators.links import (
+    EvaluationReportLink,
+    SageMakerTrainingJobLink,
+    SageMakerTrainingLogsLink,
+)
 from sku_retraining.operators.sagemaker_job import SkuSageMakerJobOperator
 
 if TYPE_CHECKING:
@@ -23,6 +28,8 @@ class SkuEvaluationOperator(SkuSageMakerJobOperator):
     :param instance_type: default: the configuration's ``sagemaker.evaluation_instance_type``.
     """
 
+    # Buttons in the UI: the job in the SageMaker console and CloudWatch (sagemaker backend), the HTML report.
+    operator_extra_links = (SageMakerTrainingJobLink(), SageMakerTrainingLogsLink(), EvaluationReportLink())
     template_fields: Sequence[str] = (
         *SkuSageMakerJobOperator.template_fields, "training", "snapshot", "production", "instance_type",
     )

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sku_retraining.config import PipelineConfig
+from sku_retraining.operators.links import SageMakerTrainingJobLink, SageMakerTrainingLogsLink
 from sku_retraining.operators.sagemaker_job import SkuSageMakerJobOperator
 from sku_retraining.templated import as_bool
 
@@ -38,6 +39,8 @@ class SkuTrainingOperator(SkuSageMakerJobOperator):
     :param network_isolation: ``EnableNetworkIsolation`` for the job.
     """
 
+    # Buttons in the UI: the job in the SageMaker console and CloudWatch (sagemaker backend).
+    operator_extra_links = (SageMakerTrainingJobLink(), SageMakerTrainingLogsLink())
     template_fields: Sequence[str] = (
         *SkuSageMakerJobOperator.template_fields, "snapshot", "production", "instance_type", "instance_count",
         "epochs", "batch_size", "learning_rate", "warm_start", "replay_fraction", "use_spot", "max_wait_hours",
