@@ -1,0 +1,21 @@
+"""The soak's short form (what CI runs): five monthly runs of the whole DAG on the local
+stack, invariants after every month (see devtools/sku_dev/soak.py, ``./dev soak``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sku_dev.soak import SoakSize, run_soak
+
+pytestmark = pytest.mark.slow
+
+
+def test_five_month_soak_short_form(soak_env, tmp_path):
+    size = SoakSize.short()
+    reports = run_soak(soak_env, size, log_file=tmp_path / "soak.log", reset=False)
+    assert len(reports) == size.months, (tmp_path / "soak.log").read_text()[-4000:]
+    for report in reports:
+        assert report.returncode == 0, (tmp_path / "soak.log").read_text()[-4000:]
+        assert report.violations == []
+    assert reports[-1].facts["skus"] == size.months * size.new_skus_per_month
+    assert reports[-1].facts["production_version"] is not None
