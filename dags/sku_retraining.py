@@ -39,7 +39,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task
+
+try:
+    from airflow.sdk import TriggerRule
+except ImportError:  # Airflow 3.0.x (MWAA's newest): airflow.sdk does not export it yet
+    from airflow.utils.trigger_rule import TriggerRule
 
 from sku_retraining.assets import production_model_asset
 from sku_retraining.notifications import SkuNotifier
@@ -126,6 +131,13 @@ SECTION_ADVANCED = "Advanced / AWS"
         "replay_fraction": Param(
             1.0, type="number", minimum=0, maximum=1,
             title="Replay fraction", description="With warm start: share of old SKUs' train images to train on, 0-1.",
+            section=SECTION_TRAINING,
+        ),
+        "freeze": Param(
+            "auto", type="string", pattern=r"^(auto|none|[a-z0-9]+(,[a-z0-9]+)*)$",
+            title="Frozen backbone layers",
+            description="auto: conv1..layer3 when ImageNet weights or the warm-start model are loaded, "
+                        "nothing at random init; none; or a comma list (e.g. conv1,bn1,layer1).",
             section=SECTION_TRAINING,
         ),
         "learning_rate": Param(
