@@ -162,15 +162,18 @@ def reupload_changed_bytes(cfg, s3_client, tmp, monkeypatch) -> Run:
     with _db(cfg) as conn:
         before = conn.execute("SELECT sha256, fsx_path FROM images ORDER BY 1").fetchall()
     time.sleep(1.1)  # S3 LastModified has one-second resolution
-    upload_batch(s3_client, BUCKET, generate_batch("m0", make_skus(3), 5, seed=999, image_size=SIZE))
+    original = generate_batch("m0", make_skus(3), 5, seed=100, image_size=SIZE)
+    changed = generate_batch("m0", make_skus(3), 5, seed=999, image_size=SIZE)
+    upload_batch(s3_client, BUCKET, changed)
     assert intake.find_new_batches(cfg=cfg).batch_ids == []  # registered batches are immutable
     results = intake.register_batches(["m0"], run_id="run-1", cfg=cfg)
     assert results[0]["status"] == "already_registered"
     with _db(cfg) as conn:
         assert conn.execute("SELECT sha256, fsx_path FROM images ORDER BY 1").fetchall() == before
-    # The bytes under m0's keys are now not what was registered: the invariant checker sees
-    # the objects (same keys) as accounted for; the FSx copies keep the registered bytes.
-    return Run([results])
+    # Keys the re-upload added (other seed: some .png where there were .jpg) are never
+    # registered: the checker must report each as lost rather than hide it.
+    added = sorted(set(changed.files) - set(original.files))
+    return Run([results], expect_violations=tuple(f"lost: incoming/m0/{k}" for k in added))
 
 
 def success_before_images(cfg, s3_client, tmp, monkeypatch) -> Run:
