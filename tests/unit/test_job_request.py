@@ -113,6 +113,6 @@ def test_job_names_are_stable_per_run_and_valid():
     assert first == job_name("train", "sku_retraining", "scheduled__2026-12-01T03:00:00+00:00")
     assert first != job_name("train", "sku_retraining", "manual__2026-12-01T03:00:00+00:00")
     names = attempt_names("train", "sku_retraining", "r", 3)
-    assert names == [f"{names[-1]}-t3", f"{names[-1]}-t2", names[-1]]
+    assert names == [names[0], f"{names[0]}-t2", f"{names[0]}-t3"]
     for name in names:
         validate_request(build_request(spec(job_name=name)), fsx_mount_name=MOUNT)

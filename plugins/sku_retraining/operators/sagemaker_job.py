@@ -1,20 +1,32 @@
-"""``SkuSageMakerJobOperator``: the provider's ``SageMakerTrainingOperator``, made safe to retry
-and able to run the same request on the local job backend.
+"""``SkuSageMakerJobOperator``: the provider's ``SageMakerTrainingOperator``, made safe for
+multi-day paid jobs and able to run the same request on the local job backend.
 
-Why a subclass (the provider operator falls short in three ways for multi-day paid jobs):
+Why a subclass (the provider operator falls short for this pipeline):
 
-1. **Retries re-attach.** With ``check_if_job_exists`` the provider either fails or starts a
-   *second* job with a timestamped name when the task is retried; here the job name is
-   derived from the DAG run (:mod:`sku_retraining.jobs.naming`), and a retry looks for the
-   run's newest attempt: still running → tail its log until it ends; completed → return it;
-   failed or stopped → start attempt ``-t<try>``.
-2. **Killing the task stops the job** (``on_kill``): marking the task failed in the UI or a
-   timeout would otherwise leave a p4d cluster running.
-3. **Two backends.** ``job_backend`` (configuration or argument) ``local`` runs the request
-   with :class:`~sku_retraining.jobs.local.LocalJobRunner` and returns the same XCom shape.
-
-The request is built at run time by :meth:`build_request` (subclasses: augmentation,
-training, evaluation) and validated against botocore's service model before anything runs.
+1. **Deferrable by default, sized to the job.** After ``CreateTrainingJob`` the task defers to
+   :class:`~sku_retraining.triggers.sagemaker_job.SkuSageMakerJobTrigger` (the provider's
+   ``SageMakerTrigger``), whose waiter attempts come from the request's
+   ``MaxRuntimeInSeconds`` / ``MaxWaitTimeInSeconds`` (the provider's default gives up after
+   an hour). No worker slot is held while a p4d job runs for days.
+2. **Who stops the job.** A person marking the deferred task failed/success or clearing it →
+   the trigger's ``on_kill`` stops the job. A worker or triggerer restarting → nothing is
+   stopped: the task SDK sends the same SIGTERM for a worker shutdown as for a user action,
+   so the worker-side :meth:`on_kill` never stops a SageMaker job; the retry re-attaches.
+3. **Re-attach only to what this request would compute.** Every job is tagged with
+   :func:`~sku_retraining.jobs.naming.request_fingerprint` of its request (dataset snapshot,
+   hyperparameters, image, channels...). A retried or cleared task walks the run's attempt
+   names (``sku-<kind>-<run hash>``, ``-t2``, ...): a Completed or running job with the same
+   fingerprint is adopted; anything else (failed, stopped, or a different request, e.g. after
+   ``export_manifests`` was re-run) is passed over and the next free name is started. A
+   *running* job of this run whose request is superseded is stopped first.
+4. **Configuration at run time.** ``aws_conn_id`` and ``region_name`` default to the
+   configuration's (read when the task runs, never at parse time); the request is built by
+   :meth:`build_request` (subclasses) and validated against botocore's service model, and is
+   what the Rendered Template tab shows as ``config``.
+5. **Two backends.** ``job_backend`` ``local`` runs the request with
+   :class:`~sku_retraining.jobs.local.LocalJobRunner` and waits in place (the job is a child
+   process group of the task: detaching it would leave processes behind on a dev machine);
+   it returns the same XCom shape, ``{"Training": DescribeTrainingJob-like dict}``.
 """
 
 from __future__ import annotations
@@ -26,13 +38,18 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator, serialize
 
 from sku_retraining.config import PROJECT_ROOT, PipelineConfig, load_config_from_airflow
-from sku_retraining.jobs.naming import attempt_names
+from sku_retraining.jobs.naming import FINGERPRINT_TAG, attempt_names, request_fingerprint, tag_value
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
 TRAINING_CODE_DIR = PROJECT_ROOT / "training_image" / "code"
 RUNNING_STATES = ("InProgress", "Stopping")
+_UNSET: Any = object()
+
+
+class SageMakerJobError(RuntimeError):
+    """The job failed or was stopped; the message carries SageMaker's FailureReason."""
 
 
 class SkuSageMakerJobOperator(SageMakerTrainingOperator):
@@ -42,9 +59,15 @@ class SkuSageMakerJobOperator(SageMakerTrainingOperator):
     :param job_backend: ``local`` or ``sagemaker``; default: the configuration's ``job_backend``.
     :param config: a ready ``CreateTrainingJob`` request (templated); subclasses build it instead.
     :param local_processes: processes for the local backend (> 1 runs under ``torchrun``).
+    :param deferrable: wait for a SageMaker job in the triggerer (default ``True``).
+    :param check_interval: seconds between status polls.
+    :param aws_conn_id: default: the configuration's ``aws_conn_id``.
+    :param region_name: default: the configuration's ``region_name``.
     """
 
     template_fields: Sequence[str] = (*SageMakerTrainingOperator.template_fields, "job_backend")
+    # The request is built at run time: send the final one to the Rendered Template tab.
+    overwrite_rtif_after_execution = True
 
     def __init__(
         self,
@@ -54,15 +77,25 @@ class SkuSageMakerJobOperator(SageMakerTrainingOperator):
         config: dict | None = None,
         local_processes: int = 1,
         check_interval: int = 60,
+        deferrable: bool = True,
+        aws_conn_id: str | None = _UNSET,
+        region_name: str | None = _UNSET,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("print_log", True)
-        # A multi-day job must not be given up on by the poller: no ingestion limit.
+        # A multi-day job must not be given up on by the synchronous poller: no ingestion limit.
         kwargs.setdefault("max_ingestion_time", None)
+        self._conn_from_config = aws_conn_id is _UNSET
+        self._region_from_config = region_name is _UNSET
+        if not self._conn_from_config:
+            kwargs["aws_conn_id"] = aws_conn_id
+        if not self._region_from_config:
+            kwargs["region_name"] = region_name
         super().__init__(
             config=config or {},
             check_if_job_exists=False,
             check_interval=check_interval,
+            deferrable=deferrable,
             **kwargs,
         )
         self.job_kind = job_kind
@@ -80,93 +113,207 @@ class SkuSageMakerJobOperator(SageMakerTrainingOperator):
     def local_processes_for(self, cfg: PipelineConfig) -> int:
         return self.local_processes
 
+    # -- configuration --------------------------------------------------------------------
+
+    def _apply_config(self, cfg: PipelineConfig) -> None:
+        """Connection and region from configuration unless given to the operator."""
+        before = (self.aws_conn_id, self.region_name)
+        if self._conn_from_config:
+            self.aws_conn_id = cfg.aws_conn_id
+        if self._region_from_config:
+            self.region_name = cfg.region_name
+        if (self.aws_conn_id, self.region_name) != before:
+            self.__dict__.pop("hook", None)  # the provider's cached hook was built with the old values
+
+    def _backend(self, cfg: PipelineConfig) -> str:
+        backend = self.job_backend or cfg.job_backend
+        if backend not in ("local", "sagemaker"):
+            raise ValueError(f"job_backend must be 'local' or 'sagemaker', got {backend!r}")
+        return backend
+
+    def _final_request(self, context: Context, cfg: PipelineConfig, job_name: str) -> dict[str, Any]:
+        """The request, tagged with its fingerprint; a checkpoint prefix gets the fingerprint
+        appended, so a run re-run with other params never resumes the old params' checkpoints."""
+        from sku_retraining.jobs.request import validate_request
+
+        request = self.build_request(context, cfg, job_name)
+        fingerprint = request_fingerprint(request)
+        checkpoint = request.get("CheckpointConfig")
+        if checkpoint and checkpoint.get("S3Uri"):
+            request["CheckpointConfig"] = {**checkpoint, "S3Uri": f"{checkpoint['S3Uri'].rstrip('/')}/{fingerprint}/"}
+        tags = [t for t in request.get("Tags") or [] if t.get("Key") != FINGERPRINT_TAG]
+        request["Tags"] = [*tags, {"Key": FINGERPRINT_TAG, "Value": fingerprint}]
+        validate_request(request, fsx_mount_name=cfg.fsx.mount_name)
+        return request
+
     # -- execution ------------------------------------------------------------------------
 
     def execute(self, context: Context) -> dict:
-        from sku_retraining.jobs.request import validate_request
-
         cfg = load_config_from_airflow()
-        backend = self.job_backend or cfg.job_backend
+        self._apply_config(cfg)
+        backend = self._backend(cfg)
         ti = context["ti"]
-        names = attempt_names(self.job_kind, ti.dag_id, context["run_id"], int(getattr(ti, "try_number", 1) or 1))
-        if backend == "local":
-            self.config = self.build_request(context, cfg, names[-1])
-            validate_request(self.config, fsx_mount_name=cfg.fsx.mount_name)
-            return self._execute_local(cfg)
-        if backend != "sagemaker":
-            raise ValueError(f"job_backend must be 'local' or 'sagemaker', got {backend!r}")
-        return self._execute_sagemaker(context, cfg, names)
-
-    def _execute_sagemaker(self, context: Context, cfg: PipelineConfig, names: list[str]) -> dict:
-        from sku_retraining.jobs.request import validate_request
-
-        newest_status = None
-        newest_name = None
-        for name in names:  # newest attempt first
-            status = self._job_status(name)
-            if status is not None:
-                newest_name, newest_status = name, status
-                break
-        if newest_status in RUNNING_STATES or newest_status == "Completed":
-            self.log.info("Job %s of this run is %s: re-attaching instead of starting another", newest_name,
-                          newest_status)
-            self._active_job_name = newest_name
-            if newest_status != "Completed":
-                self.hook.check_training_status_with_log(
-                    newest_name, self.hook.non_terminal_states, self.hook.training_failed_states,
-                    wait_for_completion=True, check_interval=self.check_interval,
-                    max_ingestion_time=self.max_ingestion_time,
-                )
-            return self.serialize_result(newest_name)
-
-        name = names[0]
-        if newest_status is not None:
-            self.log.info("Previous attempt %s ended %s; starting %s", newest_name, newest_status, name)
-        self.config = self.build_request(context, cfg, name)
-        validate_request(self.config, fsx_mount_name=cfg.fsx.mount_name)
+        names = attempt_names(self.job_kind, ti.dag_id, context["run_id"])
+        request = self._final_request(context, cfg, names[0])
+        fingerprint = tag_value(request["Tags"], FINGERPRINT_TAG)
+        name, status = self._choose_attempt(names, fingerprint, local=backend == "local", cfg=cfg)
+        self.config = {**request, "TrainingJobName": name}
         self._active_job_name = name
-        result = super().execute(context)
-        return result if isinstance(result, dict) and "Training" in result else self.serialize_result(name)
+        self.log.info("Job %s, request fingerprint %s", name, fingerprint)
+        if backend == "local":
+            return self._execute_local(cfg)
+        if status == "Completed":
+            self.log.info("Job %s of this run already completed with this request: re-attaching", name)
+            return self.serialize_result(name)
+        if status in RUNNING_STATES:
+            self.log.info("Job %s of this run is %s with this request: re-attaching", name, status)
+            return self._wait(name)
+        self.preprocess_config()
+        self.log.info("Creating SageMaker training job %s", name)
+        response = self.hook.create_training_job(self.config, wait_for_completion=False, print_log=False)
+        if response["ResponseMetadata"]["HTTPStatusCode"] != 200:
+            raise SageMakerJobError(f"CreateTrainingJob {name} failed: {response}")
+        return self._wait(name)
 
-    def _job_status(self, name: str) -> str | None:
+    def _choose_attempt(
+        self, names: list[str], fingerprint: str | None, *, local: bool, cfg: PipelineConfig
+    ) -> tuple[str, str | None]:
+        """``(name, status)``: the run's job to adopt (status set) or the next free name (``None``)."""
+        for name in names:
+            status, job_fingerprint = self._lookup(name, local=local, cfg=cfg)
+            if status is None:
+                return name, None
+            if job_fingerprint == fingerprint and (status == "Completed" or status in RUNNING_STATES):
+                return name, status
+            if local and job_fingerprint == fingerprint and status not in ("Failed", "Stopped"):
+                return name, status  # a local job left InProgress by a dead worker: run it again, resuming
+            reason = f"request fingerprint {job_fingerprint}" if job_fingerprint != fingerprint else status
+            self.log.info("Passing over job %s (%s, %s): not this request's result", name, status, reason)
+            if not local and status == "InProgress" and job_fingerprint != fingerprint:
+                self.log.warning("Job %s runs a superseded request of this run: stopping it", name)
+                self.hook.conn.stop_training_job(TrainingJobName=name)
+        raise SageMakerJobError(f"all {len(names)} attempt names of this run are used; start a new DAG run")
+
+    def _lookup(self, name: str, *, local: bool, cfg: PipelineConfig) -> tuple[str | None, str | None]:
+        """``(status, fingerprint)`` of job ``name``, ``(None, None)`` when there is none."""
+        if local:
+            recorded = self._runner(cfg).describe(name)
+            if not recorded:
+                return None, None
+            return recorded["TrainingJobStatus"], tag_value(recorded.get("Tags"), FINGERPRINT_TAG)
         from botocore.exceptions import ClientError
 
         try:
-            return self.hook.describe_training_job(name)["TrainingJobStatus"]
+            description = self.hook.describe_training_job(name)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "ValidationException":
-                return None  # "Requested resource not found"
+                return None, None  # "Requested resource not found"
             raise
+        tags = self.hook.conn.list_tags(ResourceArn=description["TrainingJobArn"]).get("Tags", [])
+        return description["TrainingJobStatus"], tag_value(tags, FINGERPRINT_TAG)
+
+    def _wait(self, name: str) -> dict:
+        if self.deferrable:
+            from sku_retraining.triggers.sagemaker_job import SkuSageMakerJobTrigger, waiter_attempts
+
+            self.defer(
+                trigger=SkuSageMakerJobTrigger(
+                    job_name=name,
+                    job_type="Training",
+                    waiter_delay=self.check_interval,
+                    waiter_max_attempts=waiter_attempts(self.config, self.check_interval),
+                    aws_conn_id=self.aws_conn_id,
+                    region_name=self.region_name,
+                    verify=self.verify,
+                    botocore_config=self.botocore_config,
+                ),
+                method_name="execute_complete",
+                kwargs={"request": self.config},
+            )
+        # Synchronous (deferrable=False): the provider's pollers, as its own operator waits.
+        if self.print_log:
+            self.hook.check_training_status_with_log(
+                name, self.hook.non_terminal_states, self.hook.training_failed_states,
+                wait_for_completion=True, check_interval=self.check_interval,
+                max_ingestion_time=self.max_ingestion_time,
+            )
+        else:
+            description = self.hook.check_status(
+                name, "TrainingJobStatus", self.hook.describe_training_job, self.check_interval,
+                self.max_ingestion_time, self.hook.non_terminal_states,
+            )
+            if description["TrainingJobStatus"] in self.hook.training_failed_states:
+                raise SageMakerJobError(f"SageMaker job {name} {description['TrainingJobStatus']}: "
+                                        f"{description.get('FailureReason') or '(no reason given)'}")
+        return self.serialize_result(name)
+
+    def execute_complete(
+        self, context: Context, event: dict[str, Any] | None = None, request: dict | None = None
+    ) -> dict[str, dict]:
+        """Resume after the trigger: succeed, fail with the job's FailureReason, or re-attach."""
+        cfg = load_config_from_airflow()
+        self._apply_config(cfg)
+        self.config = request or {}
+        if not event or "job_name" not in event:
+            raise SageMakerJobError(f"trigger returned no job: {event!r}")
+        name = event["job_name"]
+        self._active_job_name = name
+        status = event.get("status")
+        if status == "success":
+            self.log.info("SageMaker job %s completed", name)
+            return self.serialize_result(name)
+        description = self.hook.describe_training_job(name)
+        job_status = description["TrainingJobStatus"]
+        if job_status == "Completed":
+            return self.serialize_result(name)
+        if job_status in RUNNING_STATES:
+            # The waiter ran out of attempts or the poll failed while the job still runs.
+            self.log.warning("Trigger ended with %s (%s) while job %s is %s: re-attaching", status,
+                             event.get("message"), name, job_status)
+            return self._wait(name)
+        reason = description.get("FailureReason") or event.get("message") or "(no reason given)"
+        raise SageMakerJobError(f"SageMaker job {name} {job_status}: {reason}")
+
+    # -- local backend --------------------------------------------------------------------
+
+    def _runner(self, cfg: PipelineConfig):
+        if self._local_runner is None:
+            from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+            from sku_retraining.jobs.local import LocalJobRunner
+            from sku_retraining.tasks.hooks import aws_hook
+
+            self._local_runner = LocalJobRunner(
+                work_root=Path(cfg.fsx.local_path()).parent / "jobs",
+                code_dir=TRAINING_CODE_DIR,
+                fsx_root=cfg.fsx.local_path(),
+                fsx_mount_name=cfg.fsx.mount_name,
+                s3_client=aws_hook(cfg, S3Hook, aws_conn_id=self.aws_conn_id).get_conn(),
+                processes=self.local_processes_for(cfg),
+                log=lambda line: self.log.info("%s", line),
+            )
+        return self._local_runner
 
     def _execute_local(self, cfg: PipelineConfig) -> dict:
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-        from sku_retraining.jobs.local import LocalJobRunner
-
-        self._local_runner = LocalJobRunner(
-            work_root=Path(cfg.fsx.local_path()).parent / "jobs",
-            code_dir=TRAINING_CODE_DIR,
-            fsx_root=cfg.fsx.local_path(),
-            fsx_mount_name=cfg.fsx.mount_name,
-            s3_client=S3Hook(aws_conn_id=self.aws_conn_id or cfg.aws_conn_id).get_conn(),
-            processes=self.local_processes_for(cfg),
-            log=lambda line: self.log.info("%s", line),
-        )
-        self._active_job_name = self.config["TrainingJobName"]
-        description = self._local_runner.run(self.config)
+        description = self._runner(cfg).run(self.config)
         return {"Training": serialize(description)}
 
     def on_kill(self) -> None:
-        """Stop the job this task started (local process group or SageMaker job)."""
+        """Worker side: stop a *local* job (a child process group of this task).
+
+        A SageMaker job is never stopped here: the task SDK sends this task the same SIGTERM
+        for a worker shutdown (deploy, scale-in, pod eviction) as for a person acting on it,
+        so stopping would kill a multi-day job on every deploy. A person marking the deferred
+        task failed or clearing it stops the job through the trigger's ``on_kill``; the retry
+        of a killed task re-attaches to the still-running job by its request fingerprint.
+        """
         if self._local_runner is not None:
             self._local_runner.stop()
             return
-        name = self._active_job_name
-        if not name:
-            return
-        try:
-            if self._job_status(name) in ("InProgress",):
-                self.log.info("Task killed: stopping SageMaker job %s", name)
-                self.hook.conn.stop_training_job(TrainingJobName=name)
-        except Exception:  # noqa: BLE001 - best effort while being killed; say so
-            self.log.exception("Could not stop SageMaker job %s; stop it by hand", name)
+        if self._active_job_name:
+            self.log.warning(
+                "Task process terminated; SageMaker job %s keeps running (a retry re-attaches to it). "
+                "To stop it: mark the task failed while it is deferred, or "
+                "`aws sagemaker stop-training-job --training-job-name %s`.",
+                self._active_job_name, self._active_job_name,
+            )

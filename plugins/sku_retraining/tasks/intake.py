@@ -174,13 +174,14 @@ def import_batches_to_fsx(batch_ids: list[str], cfg: PipelineConfig | None = Non
     if not batch_ids:
         return 0
     if cfg.job_backend == "sagemaker":
-        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+        from sku_retraining.tasks.hooks import aws_hook
 
-        client = AwsBaseHook(aws_conn_id=cfg.aws_conn_id, client_type="fsx").get_conn()
-        prefixes = [BatchLayout(cfg.prefixes.incoming, b).prefix for b in batch_ids]
-        task_id = fsx.import_prefixes_to_aws_fsx(client, cfg.fsx.file_system_id, prefixes)
-        log.info("FSx import task %s done for %s", task_id, ", ".join(prefixes))
-        return len(prefixes)
+        client = aws_hook(cfg, client_type="fsx").get_conn()
+        # Import tasks name S3 paths (s3://bucket/prefix), not file-system paths.
+        paths = [fsx.s3_import_path(cfg.data_bucket, BatchLayout(cfg.prefixes.incoming, b).prefix) for b in batch_ids]
+        task_ids = fsx.import_prefixes_to_aws_fsx(client, cfg.fsx.file_system_id, paths)
+        log.info("FSx import task(s) %s done for %s", ", ".join(task_ids), ", ".join(paths))
+        return len(paths)
     with catalogue.open_connection() as conn, conn.cursor() as cur:
         cur.execute("SELECT fsx_path FROM images WHERE batch_id = ANY(%s) AND source_sha256 IS NULL", (batch_ids,))
         keys = [row[0] for row in cur.fetchall()]

@@ -36,13 +36,13 @@ def _clients(cfg: PipelineConfig):
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
     from botocore.config import Config
 
-    from sku_retraining.tasks.hooks import pipeline_hooks
+    from sku_retraining.tasks.hooks import aws_hook, pipeline_hooks
 
     catalogue, _ = pipeline_hooks(cfg)
     # Every object is verified by its own SHA-256 here; the SDK's optional CRC check on reads
     # adds nothing and trips on S3 emulators that misreport the checksum of a server-side
     # copy of a multipart object.
-    s3 = S3Hook(aws_conn_id=cfg.aws_conn_id, config=Config(response_checksum_validation="when_required"))
+    s3 = aws_hook(cfg, S3Hook, config=Config(response_checksum_validation="when_required"))
     return catalogue, s3.get_conn()
 
 
