@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from airflow.providers.postgres.hooks.postgres import PostgresHook
 
@@ -23,6 +24,19 @@ class CatalogueHook(PostgresHook):
 
     def __init__(self, *, postgres_conn_id: str = default_conn_name, **kwargs) -> None:
         super().__init__(postgres_conn_id=postgres_conn_id, **kwargs)
+
+    def _create_connection(self, conn_args: dict[str, Any]):
+        """Always psycopg 3, whatever SQLAlchemy the Airflow install has.
+
+        The provider hands out psycopg 3 only with SQLAlchemy 2 (Airflow 3.1+); on Airflow
+        3.0.x (Amazon MWAA) it would hand out psycopg2, whose API the catalogue code (COPY,
+        ``conn.transaction()``) does not use. The connection's parameters, extras and RDS IAM
+        token still come from the provider's ``get_conn``.
+        """
+        from psycopg import Connection
+
+        args = {k: v for k, v in conn_args.items() if k not in ("cursor_factory", "row_factory")}
+        return Connection.connect(**args)
 
     @contextmanager
     def open_connection(self) -> Iterator:
