@@ -320,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=200, help="K source images (default 200)")
     ap.add_argument("--variants", type=int, default=4, help="variants per image (default 4)")
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--max-side", type=int, default=None,
+                    help="variants' longer side (default: the job's default for training at 224 px, "
+                         "sku_contracts.files.variant_max_side(224) = 342)")
     ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--repeats", type=int, default=2, help="best of R runs per measurement (default 2)")
     ap.add_argument("--compare-images", type=int, default=50, help="sources for the library comparison")
@@ -328,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
+    if args.max_side is None:
+        from sku_contracts.files import variant_max_side
+
+        args.max_side = variant_max_side(224)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="augment-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -340,13 +347,14 @@ def main(argv: list[str] | None = None) -> int:
         kb = sum((work / r["path"]).stat().st_size for r in rows) / len(rows) / 1024
         print(f"data: {len(rows)} JPEGs {args.size}x{args.size} q{args.quality}, mean {kb:.0f} KiB "
               f"(generated in {time.perf_counter() - t0:.1f}s), {args.variants} variants each")
+        print(f"variants: longer side <= {args.max_side} px (the job's max_side)")
 
         floor = max(measure_floor(work, rows, args.quality) for _ in range(args.repeats))
-        one = max((run_job(work, rows, f"w1r{r}", 1, args.variants, args.quality, args.size)
+        one = max((run_job(work, rows, f"w1r{r}", 1, args.variants, args.quality, args.max_side)
                    for r in range(args.repeats)), key=lambda t: t[0])
-        two = max((run_job(work, rows, f"w2r{r}", 2, args.variants, args.quality, args.size)
+        two = max((run_job(work, rows, f"w2r{r}", 2, args.variants, args.quality, args.max_side)
                    for r in range(args.repeats)), key=lambda t: t[0])
-        stages = pil_breakdown(work, rows[: args.compare_images], args.variants, args.quality, args.size)
+        stages = pil_breakdown(work, rows[: args.compare_images], args.variants, args.quality, args.max_side)
         ceiling = parallel_ceiling()
         pct = 100 * one[0] / floor
         speedup = two[0] / one[0]
@@ -357,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_torchvision:
             try:
                 cmp_rows = rows[: args.compare_images]
-                figures["libraries"] = compare_libraries(work, cmp_rows, args.variants, args.quality, args.size)
+                figures["libraries"] = compare_libraries(work, cmp_rows, args.variants, args.quality, args.max_side)
             except ImportError as exc:
                 print(f"(library comparison skipped: {exc})")
 

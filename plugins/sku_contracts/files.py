@@ -36,6 +36,23 @@ AUGMENTATION_MANIFEST_COLUMNS = (
 )
 AUGMENTATION_SKIPPED_PREFIX = "skipped-"  # + <host>.csv
 AUGMENTATION_SKIPPED_COLUMNS = ("source_path", "reason")
+#: The training loaders decode a photo at >= image_size / 0.875 on its short side (JPEG draft,
+#: sku_jobs.data.eval_resize) before any crop; variants are drawn with aspect ratios down to 3:4.
+EVAL_RESIZE_RATIO = 0.875
+VARIANT_MIN_ASPECT = 0.75
+
+
+def variant_max_side(train_image_size: int) -> int:
+    """Default longer side of an augmented variant for training at ``train_image_size`` px.
+
+    The variant's *shorter* side (>= 3/4 of the longer) is then at least the short side the
+    training loader decodes a photo at (``image_size / 0.875``), so a variant carries the detail
+    training can use and no more: ~1.52x the training size (224 -> 342 px, 96 -> 147 px),
+    instead of the source's full size (12 MP photos: 4000 px).
+    """
+    import math
+
+    return math.ceil(int(train_image_size) / EVAL_RESIZE_RATIO / VARIANT_MIN_ASPECT)
 
 # -- model and evaluation artefacts ---------------------------------------------------------------
 MODEL_STATE_FILE = "model.pt"

@@ -121,6 +121,21 @@ class LocalJobsConfig:
     pretrained_weights_path: str = ""
 
 
+@dataclass(frozen=True)
+class WarmStartConfig:
+    """The recipe of a warm-started month (train.py's levers), measured in bench/quality_bench.py
+    (bench/README.md): what a month costs and keeps when it starts from the production model."""
+
+    # Epochs of a warm-started month, as a share of the backend's train_epochs (a full retrain's).
+    epochs_fraction: float = 0.5
+    # Replay the old SKUs' images as an equal quota per SKU (else the same share of each SKU).
+    replay_balanced: bool = True
+    # Backbone learning rate relative to the head's.
+    backbone_lr_mult: float = 1.0
+    # Distillation from the warm-start model on the old SKUs' logits (0 = off).
+    distill_weight: float = 0.0
+
+
 NOTIFICATION_EVENTS = ("task_failed", "run_failed", "promoted", "rejected")
 
 
@@ -160,6 +175,7 @@ class PipelineConfig:
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     sagemaker: SageMakerConfig = field(default_factory=SageMakerConfig)
     local_jobs: LocalJobsConfig = field(default_factory=LocalJobsConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
 
     def __post_init__(self) -> None:

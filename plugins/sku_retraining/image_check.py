@@ -45,6 +45,37 @@ class ImageFacts:
     format: str
     width: int
     height: int
+    # 64-bit DCT perceptual hash (16 hex digits) of the upright image; near-duplicates differ
+    # in a few bits. Registration groups them so they share a split (catalogue/grouping.py).
+    phash: str | None = None
+
+
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose).
+_UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+            6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def perceptual_hash(image) -> str | None:
+    """``imagehash.phash`` of the upright picture (16 hex digits), None when it cannot be computed.
+
+    The loaded image is first reduced to 64x64 greyscale (phash itself looks at 32x32), so a
+    12 MP photo costs a few ms more than its decode; the EXIF orientation is applied to that
+    thumbnail, so a photo stored sideways hashes like its upright twin.
+    """
+    import imagehash
+    from PIL import Image
+
+    try:
+        thumb = image.convert("L").resize((64, 64), Image.Resampling.BOX)
+        try:
+            orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation
+        except Exception:  # noqa: BLE001 - unreadable EXIF: as stored
+            orientation = 1
+        if orientation in _UPRIGHT:
+            thumb = thumb.transpose(getattr(Image.Transpose, _UPRIGHT[orientation]))
+        return str(imagehash.phash(thumb))
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -81,6 +112,7 @@ def inspect_image(
                 image.load()
                 mode = image.mode
                 width, height = upright_size(image)
+                phash = perceptual_hash(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return ImageProblem("decompression_bomb", f"refused: {exc}", digest, len(data))
     except UnidentifiedImageError:
@@ -99,4 +131,4 @@ def inspect_image(
         return ImageProblem(
             "too_small", f"{width}x{height} px is below the minimum side of {min_side} px", digest, len(data)
         )
-    return ImageFacts(sha256=digest, n_bytes=len(data), format=fmt, width=width, height=height)
+    return ImageFacts(sha256=digest, n_bytes=len(data), format=fmt, width=width, height=height, phash=phash)

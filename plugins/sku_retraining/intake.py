@@ -80,7 +80,8 @@ def _stage_one(client, bucket: str, layout: BatchLayout, key: str, size: int, cf
             key, parsed.sku_id, facts.sha256, facts.n_bytes,
             problem_code=facts.code, problem_detail=f"{facts.detail} ({key})",
         )
-    return StagedImage(key, parsed.sku_id, facts.sha256, facts.n_bytes, facts.width, facts.height)
+    return StagedImage(key, parsed.sku_id, facts.sha256, facts.n_bytes, facts.width, facts.height,
+                       phash=facts.phash)
 
 
 def inspect_batch_images(s3_hook, bucket: str, layout: BatchLayout, cfg: IntakeConfig) -> list[StagedImage]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 from sku_retraining.config import resource_text
@@ -35,6 +35,10 @@ class BatchManifest:
     created_at: str
     skus: tuple[SkuEntry, ...]
     sha256: str
+    # Optional per-image split groups: "<sku_id>/<file>" (relative to images/) -> group, from
+    # the manifest's "images" list (see docs/contracts.md); images not listed are grouped by
+    # near-duplicate clustering at registration.
+    image_groups: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def sku_ids(self) -> frozenset[str]:
@@ -81,9 +85,19 @@ def parse_manifest(batch_id: str, raw: bytes | None) -> BatchManifest:
         SkuEntry(sku_id=s["sku_id"], name=s["name"], brand=s["brand"], category=s["category"])
         for s in document["skus"]
     )
+    image_groups: dict[str, str] = {}
+    for entry in document.get("images") or ():
+        path = entry["path"]
+        if path in image_groups:
+            raise ManifestError(batch_id, f"images: path {path!r} listed more than once")
+        if path.split("/", 1)[0] not in seen:
+            raise ManifestError(batch_id, f"images: path {path!r} is not under a SKU listed in skus")
+        if entry.get("group") is not None:
+            image_groups[path] = entry["group"]
     return BatchManifest(
         batch_id=batch_id,
         created_at=document["created_at"],
         skus=skus,
         sha256=hashlib.sha256(raw).hexdigest(),
+        image_groups=image_groups,
     )

@@ -10,10 +10,14 @@ import torch
 from sku_contracts import metrics
 from sku_jobs.model import (
     DEFAULT_FREEZE,
+    INIT_IMAGENET,
+    INIT_RANDOM,
+    INIT_WARM_START,
     build_model,
     cosine_warmup_lambda,
     count_parameters,
     load_model_artifact,
+    resolve_freeze,
     save_model_artifact,
     widen_head,
 )
@@ -27,7 +31,7 @@ def _build_meta(*args, **kwargs):
 
 def test_parameter_budget_resnet152_12000_classes():
     """The source report's budget: 66M total, 23M trainable (layer4 15.0M + head ~8.1M)."""
-    model = _build_meta("resnet152", num_classes=12_000, head_hidden=576)
+    model = _build_meta("resnet152", num_classes=12_000, head_hidden=576, freeze=DEFAULT_FREEZE)
     total, trainable = count_parameters(model)
     assert abs(total - 66_000_000) <= 1_000_000, total
     assert abs(trainable - 23_000_000) <= 1_000_000, trainable
@@ -40,7 +44,7 @@ def test_parameter_budget_resnet152_12000_classes():
 
 
 def test_freezing_selects_trainable_params_and_keeps_frozen_bn_in_eval():
-    model = build_model("resnet18", num_classes=7, head_hidden=32)
+    model = build_model("resnet18", num_classes=7, head_hidden=32, freeze=DEFAULT_FREEZE)
     assert model.frozen == DEFAULT_FREEZE
     trainable = {n.split(".")[1] if n.startswith("backbone.") else n.split(".")[0]
                  for n, p in model.named_parameters() if p.requires_grad}
@@ -53,6 +57,34 @@ def test_freezing_selects_trainable_params_and_keeps_frozen_bn_in_eval():
     before = model.backbone.layer1[0].bn1.running_mean.clone()
     model(torch.randn(4, 3, 64, 64))
     assert torch.equal(before, model.backbone.layer1[0].bn1.running_mean)
+
+
+def test_random_init_model_freezes_nothing_by_default():
+    model = build_model("resnet18", num_classes=3, head_hidden=8)
+    assert model.frozen == () and count_parameters(model)[0] == count_parameters(model)[1]
+
+
+@pytest.mark.parametrize(
+    ("spec", "init", "frozen", "words"),
+    [
+        ("auto", INIT_RANDOM, (), "nothing frozen: random init"),
+        ("auto", INIT_IMAGENET, DEFAULT_FREEZE, "frozen: conv1,bn1,layer1,layer2,layer3 (loaded from ImageNet weights"),
+        ("auto", INIT_WARM_START, DEFAULT_FREEZE, "(loaded from the warm-start model"),
+        ("none", INIT_IMAGENET, (), "nothing frozen: loaded from ImageNet weights"),
+        ("", INIT_WARM_START, (), "nothing frozen"),
+        ("conv1,layer1", INIT_IMAGENET, ("conv1", "layer1"), "frozen: conv1,layer1"),
+        ("layer1", INIT_RANDOM, ("layer1",), "WARNING: these layers stay at random init"),
+    ],
+)
+def test_freeze_policy_follows_the_weights_loaded(spec, init, frozen, words):
+    names, line = resolve_freeze(spec, init)
+    assert names == frozen
+    assert words in line, line
+
+
+def test_freeze_policy_rejects_unknown_init():
+    with pytest.raises(ValueError, match="backbone init"):
+        resolve_freeze("auto", "imagenet21k")
 
 
 def test_freeze_nothing_and_unknown_module():

@@ -6,15 +6,21 @@ the rest is SQL: classify (quarantine with a reason, or accept), add new SKUs wi
 stable class indices, insert accepted images with their split. A failure anywhere rolls the
 whole batch back: the catalogue never holds half a batch.
 
-Split rules (deterministic, stable, stratified per SKU, grouped by source image):
+Split rules (deterministic, stable, stratified per SKU, by group):
 
-* the split of an original is decided once, when it is inserted, and never updated;
-* ``u = md5(sha256 || ':split')`` mapped to [0, 1) picks train / val / test by the configured
-  fractions, so the same content lands in the same split on any machine;
-* a SKU with at least ``min_originals_for_holdout`` originals gets at least one test and
-  one val image: while it has none, its first new originals (in hash order) fill them;
-  smaller SKUs keep all originals in train until they grow;
-* augmented variants inherit their source's split (see :mod:`.variants`).
+* every original belongs to a *group* of its SKU (:mod:`.grouping`): the manifest's
+  ``group`` for it, else its near-duplicate cluster by perceptual hash, else itself. The
+  groups are worked out in memory (numpy, per SKU) against the SKU's registered originals,
+  before the COPY; the rest is SQL;
+* the split is decided per group, once, when the group first appears, and never updated: a
+  later image that joins a registered group gets that group's split, so a group never
+  straddles train/val/test and no registered image ever changes split;
+* ``u = md5(sku_id || '/' || group_key)`` mapped to [0, 1) picks train / val / test by the
+  configured fractions, so the same group lands in the same split on any machine;
+* a SKU with at least ``min_originals_for_holdout`` groups gets at least one test and one val
+  group: while it has none, its smallest new groups (then hash order) fill them; smaller SKUs
+  keep everything in train until they grow;
+* augmented variants inherit their source's split and group (see :mod:`.variants`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from sku_retraining.catalogue.grouping import GroupInput, assign_groups, phash_to_int
 from sku_retraining.config import SplitConfig
 from sku_retraining.manifest import BatchManifest
 
@@ -38,6 +45,7 @@ class StagedImage:
     height: int | None = None
     problem_code: str | None = None
     problem_detail: str | None = None
+    phash: str | None = None  # 16 hex digits (image_check.perceptual_hash)
 
 
 @dataclass
@@ -50,6 +58,7 @@ class RegistrationResult:
     quarantine_by_reason: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
     rejection_reason: str | None = None
+    n_groups: int = 0  # groups this batch started (images that joined a registered group: not counted)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -64,7 +73,10 @@ CREATE TEMP TABLE stage_images (
     width integer,
     height integer,
     problem_code text,
-    problem_detail text
+    problem_detail text,
+    phash bigint,
+    group_key text COLLATE "C",
+    group_split text       -- the split of the registered group it joins; NULL: a new group
 ) ON COMMIT DROP;
 CREATE TEMP TABLE stage_skus (
     sku_id text COLLATE "C" PRIMARY KEY, name text, brand text, category text
@@ -148,32 +160,47 @@ ORDER BY m.sku_id
 RETURNING sku_id
 """
 
-# ``u`` comes from the last 8 hex digits of the content hash; the hold-out fill order from
-# the whole hash: both uniform, both the same on any machine. ``skus`` holds each SKU's
-# split counts *before* this batch; the same statement adds this batch's to them, from the
-# inserted rows themselves (no second scan of images).
+# The split is decided per new group: ``u`` from the first 8 hex digits of md5(sku/group), the
+# hold-out fill order smallest group first, then by that hash: both the same on any machine.
+# An image joining a registered group takes its split (``group_split``, found before the
+# COPY). ``skus`` holds each SKU's counts *before* this batch; the same statement adds this
+# batch's to them, from the inserted rows themselves (no second scan of images).
 _INSERT_ORIGINALS = """
-WITH ranked AS (
-    SELECT s.sha256, s.sku_folder, s.object_key, s.width, s.height, s.n_bytes,
-           ('x' || substr(s.sha256, 57, 8))::bit(32)::bigint / 4294967296.0 AS u,
-           row_number() OVER (PARTITION BY s.sku_folder ORDER BY s.sha256) AS r,
-           count(*) OVER (PARTITION BY s.sku_folder) AS n_new
+WITH accepted AS (
+    SELECT s.sha256, s.sku_folder, s.object_key, s.width, s.height, s.n_bytes, s.phash, s.group_key, s.group_split
     """ + _ACCEPTED + """
 ),
-inserted AS (
-    INSERT INTO images (sha256, sku_id, batch_id, fsx_path, split, width, height, n_bytes)
-    SELECT r.sha256, r.sku_folder, %(batch_id)s, r.object_key,
+fresh AS (
+    SELECT a.sku_folder, a.group_key, count(*) AS n, md5(a.sku_folder || '/' || a.group_key) AS h
+    FROM accepted a WHERE a.group_split IS NULL
+    GROUP BY a.sku_folder, a.group_key
+),
+ranked AS (
+    SELECT f.sku_folder, f.group_key,
+           ('x' || substr(f.h, 1, 8))::bit(32)::bigint / 4294967296.0 AS u,
+           row_number() OVER (PARTITION BY f.sku_folder ORDER BY f.n, f.h) AS r,
+           count(*) OVER (PARTITION BY f.sku_folder) AS n_new
+    FROM fresh f
+),
+decided AS (
+    SELECT r.sku_folder, r.group_key,
            CASE
-             WHEN k.n_originals + r.n_new < %(min_holdout)s THEN 'train'
+             WHEN k.n_groups + r.n_new < %(min_holdout)s THEN 'train'
              WHEN k.n_test = 0 AND r.r = 1 THEN 'test'
              WHEN k.n_val = 0 AND r.r = CASE WHEN k.n_test = 0 THEN 2 ELSE 1 END THEN 'val'
              WHEN r.u < %(train)s THEN 'train'
              WHEN r.u < %(train)s + %(val)s THEN 'val'
              ELSE 'test'
-           END,
-           r.width, r.height, r.n_bytes
+           END AS split
     FROM ranked r JOIN skus k ON k.sku_id = r.sku_folder
-    ORDER BY r.sha256  -- fills the primary-key index in order
+),
+inserted AS (
+    INSERT INTO images (sha256, sku_id, batch_id, fsx_path, split, width, height, n_bytes, phash, group_key)
+    SELECT a.sha256, a.sku_folder, %(batch_id)s, a.object_key, coalesce(a.group_split, d.split),
+           a.width, a.height, a.n_bytes, a.phash, a.group_key
+    FROM accepted a
+    LEFT JOIN decided d ON a.group_split IS NULL AND d.sku_folder = a.sku_folder AND d.group_key = a.group_key
+    ORDER BY a.sha256  -- fills the primary-key index in order
     RETURNING sku_id, split
 ),
 per_sku AS (
@@ -182,14 +209,61 @@ per_sku AS (
            count(*) FILTER (WHERE split = 'test') AS n_test
     FROM inserted GROUP BY sku_id
 ),
+new_groups AS (
+    SELECT sku_folder AS sku_id, count(*) AS n FROM fresh GROUP BY sku_folder
+),
 counted AS (
     UPDATE skus k
-    SET n_originals = k.n_originals + c.n, n_val = k.n_val + c.n_val, n_test = k.n_test + c.n_test
-    FROM per_sku c WHERE k.sku_id = c.sku_id
-    RETURNING c.n, c.n_val, c.n_test
+    SET n_originals = k.n_originals + c.n, n_val = k.n_val + c.n_val, n_test = k.n_test + c.n_test,
+        n_groups = k.n_groups + coalesce(g.n, 0)
+    FROM per_sku c LEFT JOIN new_groups g ON g.sku_id = c.sku_id
+    WHERE k.sku_id = c.sku_id
+    RETURNING c.n, c.n_val, c.n_test, coalesce(g.n, 0) AS n_groups
 )
-SELECT coalesce(sum(n), 0), coalesce(sum(n_val), 0), coalesce(sum(n_test), 0) FROM counted
+SELECT coalesce(sum(n), 0), coalesce(sum(n_val), 0), coalesce(sum(n_test), 0), coalesce(sum(n_groups), 0)
+FROM counted
 """
+
+# The batch's SKUs' registered originals that a new image can join: hashed ones (near-duplicate
+# clusters) and manifest groups. One scan of images, filtered to the batch's SKUs.
+_REGISTERED_GROUPS = """
+SELECT sku_id, phash, group_key, split FROM images
+WHERE source_sha256 IS NULL AND sku_id = ANY(%s) AND (phash IS NOT NULL OR group_key LIKE 'manifest:%%')
+"""
+
+
+def _with_groups(cur, manifest: BatchManifest, images: list[StagedImage], split: SplitConfig) -> list[tuple]:
+    """The staging rows, each with its group key and the split of the registered group it joins."""
+    candidates = [i for i in images if i.problem_code is None and i.sha256 and i.sku_folder in manifest.sku_ids]
+    skus = sorted({i.sku_folder for i in candidates})
+    existing: list[tuple[str, int, str]] = []
+    registered: dict[tuple[str, str], str] = {}
+    if skus:
+        cur.execute(_REGISTERED_GROUPS, (skus,))
+        for sku, phash, key, grp_split in cur.fetchall():
+            registered[(sku, key)] = grp_split
+            if phash is not None:
+                existing.append((sku, phash, key))
+    labels = manifest.image_groups
+
+    def label(i: StagedImage) -> str | None:
+        return labels.get(f"{i.sku_folder}/{i.object_key.rsplit('/', 1)[-1]}") if labels else None
+
+    keys = assign_groups(
+        (GroupInput(i.sha256, i.sku_folder, phash_to_int(i.phash) if i.phash else None, label(i))
+         for i in candidates),
+        existing,
+        split.near_duplicate_max_distance,
+    )
+    rows = []
+    for i in images:
+        key = keys.get(i.sha256) if i.sha256 else None
+        rows.append((
+            i.object_key, i.sku_folder, i.sha256, i.n_bytes, i.width, i.height, i.problem_code, i.problem_detail,
+            phash_to_int(i.phash) if i.phash else None, key,
+            registered.get((i.sku_folder, key)) if key else None,
+        ))
+    return rows
 
 
 def _copy_rows(cur, statement: str, rows: Iterable[tuple]) -> int:
@@ -263,6 +337,11 @@ def register_batch(
 
             # Sorts and hashes of a whole batch fit in memory instead of spilling to disk.
             cur.execute("SET LOCAL work_mem = '512MB'")
+            # Registrations take turns from here: the groups a batch joins are read below and the
+            # SKUs' class indices and counters written at the end, all under this lock.
+            cur.execute(_LOCK_SKUS)
+            images = list(images)
+            staged_rows = _with_groups(cur, manifest, images, split)
             cur.execute(_STAGE_DDL)
             _copy_rows(
                 cur,
@@ -272,12 +351,8 @@ def register_batch(
             n_staged = _copy_rows(
                 cur,
                 "COPY stage_images (object_key, sku_folder, sha256, n_bytes, width, height, "
-                "problem_code, problem_detail) FROM STDIN",
-                (
-                    (i.object_key, i.sku_folder, i.sha256, i.n_bytes, i.width, i.height,
-                     i.problem_code, i.problem_detail)
-                    for i in images
-                ),
+                "problem_code, problem_detail, phash, group_key, group_split) FROM STDIN",
+                staged_rows,
             )
             if n_staged == 0:
                 reason = "batch has no image files under images/ (empty batch)"
@@ -313,7 +388,6 @@ def register_batch(
             cur.execute("SELECT problem_code, count(*) FROM problems GROUP BY 1 ORDER BY 1")
             result.quarantine_by_reason = dict(cur.fetchall())
             result.n_quarantined = sum(result.quarantine_by_reason.values())
-            cur.execute(_LOCK_SKUS)
             cur.execute(_NEW_SKUS, params)
             result.new_skus = sorted(r[0] for r in cur.fetchall())
             cur.execute(
@@ -325,7 +399,7 @@ def register_batch(
                     "val": split.val_fraction,
                 },
             )
-            inserted, n_val, n_test = (int(v) for v in cur.fetchone())
+            inserted, n_val, n_test, result.n_groups = (int(v) for v in cur.fetchone())
             accepted = n_staged - result.n_quarantined
             if inserted != accepted:  # every accepted image's SKU must exist: never drop one silently
                 raise RuntimeError(f"batch {batch_id!r}: {accepted} images accepted but {inserted} inserted")

@@ -1,6 +1,6 @@
 """Augmented variants: which originals need them, and registering what the job produced.
 
-Variants inherit their source's SKU, batch and split. Only *train* originals are augmented,
+Variants inherit their source's SKU, batch, split and split group. Only *train* originals are augmented,
 and the schema refuses a variant in val/test, so evaluation never sees a transformed copy of
 a training image (no leakage).
 """
@@ -76,9 +76,9 @@ def register_variants(conn, rows: Iterable[VariantRow]) -> dict[str, int]:
             details = "; ".join(f"{path} (source {src[:12]}…): {why}" for path, src, why in bad)
             raise ValueError(f"refusing to register variants: {details}")
         cur.execute(
-            """INSERT INTO images (sha256, sku_id, batch_id, fsx_path, source_sha256, split,
+            """INSERT INTO images (sha256, sku_id, batch_id, fsx_path, source_sha256, split, group_key,
                                    width, height, augmentation)
-               SELECT s.sha256, i.sku_id, i.batch_id, s.variant_path, s.source_sha256, i.split,
+               SELECT s.sha256, i.sku_id, i.batch_id, s.variant_path, s.source_sha256, i.split, i.group_key,
                       s.width, s.height,
                       jsonb_build_object('variant_index', s.variant_index, 'seed', s.seed, 'params', s.params)
                FROM stage_variants s JOIN images i ON i.sha256 = s.source_sha256

@@ -26,12 +26,16 @@ class FsxAugmentationOperator(SkuSageMakerJobOperator):
     :param instance_type: SageMaker instance type (CPU work: a compute-optimised type).
     :param instance_count: instances; the job shards its inputs across them.
     :param seed: augmentation seed (variants are deterministic per image and seed).
+    :param max_side: longer side of the variants in pixels; ``None`` = derived from the training
+        image size of the backend (``sku_contracts.files.variant_max_side``: ~1.5x, 224 -> 342 px),
+        the resolution training reads them at, not the source's full size.
     """
 
     # Buttons in the UI: the job in the SageMaker console and CloudWatch (sagemaker backend).
     operator_extra_links = (SageMakerTrainingJobLink(), SageMakerTrainingLogsLink())
     template_fields: Sequence[str] = (
         *SkuSageMakerJobOperator.template_fields, "augment_inputs", "instance_type", "instance_count",
+        "max_side",
     )
 
     def __init__(
@@ -41,6 +45,7 @@ class FsxAugmentationOperator(SkuSageMakerJobOperator):
         instance_type: str = "ml.c5.18xlarge",
         instance_count: int | str = 1,
         seed: int = 0,
+        max_side: int | str | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("job_kind", "augment")
@@ -49,6 +54,7 @@ class FsxAugmentationOperator(SkuSageMakerJobOperator):
         self.instance_type = instance_type
         self.instance_count = instance_count
         self.seed = seed
+        self.max_side = max_side
 
     def execute(self, context: Context) -> dict:
         if not int(self.augment_inputs["count"]):
@@ -60,8 +66,15 @@ class FsxAugmentationOperator(SkuSageMakerJobOperator):
         return cfg.local_jobs.augment_processes
 
     def build_request(self, context: Context, cfg: PipelineConfig, job_name: str) -> dict[str, Any]:
+        from sku_contracts.files import variant_max_side
         from sku_retraining.jobs.request import Channel, build_request
         from sku_retraining.jobs.specs import base_job_spec
+
+        if self.max_side in (None, "", "None"):
+            local = (self.job_backend or cfg.job_backend) == "local"
+            max_side = variant_max_side((cfg.local_jobs if local else cfg.sagemaker).train_image_size)
+        else:
+            max_side = int(self.max_side)
 
         spec = base_job_spec(
             cfg, context, job_name=job_name, program="augment.py",
@@ -73,6 +86,7 @@ class FsxAugmentationOperator(SkuSageMakerJobOperator):
             hyperparameters={
                 "variants_per_image": int(self.augment_inputs["variants_per_image"]),
                 "seed": self.seed,
+                "max_side": max_side,
             },
             max_runtime_seconds=12 * 3600,
         )

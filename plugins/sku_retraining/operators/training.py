@@ -90,14 +90,23 @@ class SkuTrainingOperator(SkuSageMakerJobOperator):
 
         local = (self.job_backend or cfg.job_backend) == "local"
         defaults = cfg.local_jobs if local else cfg.sagemaker
+        # A warm-started month follows the measured recipe (cfg.warm_start, bench/README.md):
+        # fewer epochs, balanced replay, its backbone LR and distillation settings.
+        warm = as_bool(self.warm_start) and bool(self.production)
+        recipe = cfg.warm_start
         hyperparameters: dict[str, Any] = {
             "arch": defaults.train_arch,
             "image_size": defaults.train_image_size,
-            "epochs": int(self.epochs) if self.epochs not in (None, "", "None") else defaults.train_epochs,
+            "epochs": int(self.epochs) if self.epochs not in (None, "", "None") else (
+                max(1, round(defaults.train_epochs * recipe.epochs_fraction)) if warm else defaults.train_epochs),
             "batch_size": cfg.local_jobs.train_batch_size if local else int(self.batch_size),
             "lr": float(self.learning_rate),
             "warm_start": as_bool(self.warm_start),
             "replay_fraction": float(self.replay_fraction),
+            # auto: freeze conv1..layer3 only when ImageNet weights or the warm-start model are loaded.
+            "freeze": str(context["params"].get("freeze") or "auto") if "params" in context else "auto",
+            **({"replay_balanced": recipe.replay_balanced, "backbone_lr_mult": recipe.backbone_lr_mult,
+                "distill_weight": recipe.distill_weight} if warm else {}),
         }
         weights = cfg.local_jobs.pretrained_weights_path if local else cfg.sagemaker.pretrained_weights_path
         if weights:
