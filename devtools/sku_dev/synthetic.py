@@ -1075,16 +1075,23 @@ def upload_batch(
     return written
 
 
+#: Longest file-name component a local filesystem holds (NAME_MAX on ext4/xfs/Lustre, in
+#: bytes); an S3 key may hold longer ones (the ``hostile_file_names`` fault has 300 chars).
+NAME_MAX_BYTES = 255
+
+
 def _unsafe_local(rel: str) -> bool:
     parts = rel.split("/")
-    return rel.startswith("/") or "\\" in rel or "\x00" in rel or any(p in ("", ".", "..") for p in parts)
+    return (rel.startswith("/") or "\\" in rel or "\x00" in rel or any(p in ("", ".", "..") for p in parts)
+            or any(len(p.encode("utf-8")) > NAME_MAX_BYTES for p in parts))
 
 
 def write_batch_to_dir(root: str | os.PathLike, batch: GeneratedBatch) -> list[str]:
     """Write the batch under ``root/<batch_id>/`` (``_SUCCESS`` last).
 
-    Keys that a filesystem cannot hold faithfully (``..`` / ``.`` / empty components) are
-    skipped rather than resolved, so nothing is ever written outside the batch folder.
+    Keys that a filesystem cannot hold faithfully (``..`` / ``.`` / empty components, a
+    component over 255 bytes) are skipped rather than resolved or truncated, so nothing is ever
+    written outside the batch folder and no write fails half-way.
     :return: the skipped relative keys.
     """
     folder = Path(root) / batch.batch_id
