@@ -41,7 +41,10 @@ def cfg(s3_endpoint, s3_client, monkeypatch):
 
 
 def context(task_id: str, try_number: int = 1) -> dict:
-    ti = SimpleNamespace(dag_id="sku_retraining", task_id=task_id, try_number=try_number)
+    pushed: dict = {}
+    ti = SimpleNamespace(dag_id="sku_retraining", task_id=task_id, try_number=try_number, run_id=RUN_ID,
+                         map_index=-1, pushed=pushed, xcom_push=lambda key, value: pushed.__setitem__(key, value),
+                         xcom_pull=lambda key=None, task_ids=None, **kw: pushed.get(key))
     return {"ti": ti, "run_id": RUN_ID, "params": {"batch_ids": ["2026-11-a"]}}
 
 
@@ -184,8 +187,14 @@ def test_job_is_waited_on_deferred_with_attempts_from_its_max_runtime(cfg):
     connection and region, and carries the request back to execute_complete."""
     operator = training_operator()
     assert operator.deferrable is True
+    ctx = context("train_model")
     with pytest.raises(TaskDeferred) as deferred:
-        operator.execute(context("train_model"))
+        operator.execute(ctx)
+    # The console and CloudWatch buttons exist while the task is deferred (#11).
+    pushed = ctx["ti"].pushed
+    for key in ("sku_sagemaker_training_job", "sku_sagemaker_training_logs"):
+        assert pushed[key]["job_name"] == deferred.value.trigger.job_name, pushed
+        assert pushed[key]["region_name"] == cfg.region_name
     trigger = deferred.value.trigger
     assert isinstance(trigger, SkuSageMakerJobTrigger)
     assert deferred.value.method_name == "execute_complete"

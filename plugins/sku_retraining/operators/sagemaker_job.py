@@ -162,6 +162,10 @@ class SkuSageMakerJobOperator(SageMakerTrainingOperator):
         self.log.info("Job %s, request fingerprint %s", name, fingerprint)
         if backend == "local":
             return self._execute_local(cfg)
+        from sku_retraining.operators.links import persist_job_links
+
+        # Console and CloudWatch buttons while the job runs (Airflow stores links at task end otherwise).
+        persist_job_links(context, self, cfg=cfg, job_name=name)
         if status == "Completed":
             self.log.info("Job %s of this run already completed with this request: re-attaching", name)
             return self.serialize_result(name)
