@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sku_retraining.catalogue.grouping import GroupInput, assign_groups, phash_to_int
 from sku_retraining.config import SplitConfig
@@ -416,3 +417,46 @@ def register_batch(
     except _DryRun:
         pass
     return result
+
+
+#: Quarantine code for an object that appeared under a batch's ``images/`` after the batch was
+#: registered (``_SUCCESS`` written before the upload finished, or a re-upload that added keys).
+LATE_OBJECT = "late_object"
+
+
+def record_late_objects(conn, batch_id: str, objects: Iterable[tuple[str, Any]], images_prefix: str) -> list[str]:
+    """Record, with a reason, every object under a *registered* batch's ``images/`` that the
+    catalogue holds neither as an image nor in quarantine: registered batches are immutable, so
+    such an object is never trained on, but it is never silently lost either.
+
+    :param objects: ``(key, last_modified)`` of every object now under ``images_prefix``.
+    :return: the keys recorded by this call (none on a repeat).
+    """
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("SELECT status, updated_at, marker_last_modified FROM batches WHERE batch_id = %s FOR UPDATE",
+                    (batch_id,))
+        row = cur.fetchone()
+        if row is None or row[0] != "registered":
+            return []
+        _, registered_at, marker = row
+        cur.execute(
+            "SELECT fsx_path FROM images WHERE batch_id = %s AND source_sha256 IS NULL "
+            "UNION SELECT object_key FROM quarantine WHERE batch_id = %s",
+            (batch_id, batch_id),
+        )
+        known = {k for (k,) in cur.fetchall()}
+        late = sorted((k, t) for k, t in objects if k not in known)
+        if not late:
+            return []
+        marker_text = marker.isoformat() if marker else "unknown"
+        cur.executemany(
+            "INSERT INTO quarantine (batch_id, object_key, sha256, sku_id, reason_code, reason) "
+            "VALUES (%s, %s, NULL, %s, %s, %s) ON CONFLICT (batch_id, object_key) DO NOTHING",
+            [(batch_id, key, key[len(images_prefix):].split("/", 1)[0] or None, LATE_OBJECT,
+              f"uploaded after the batch was registered (object {t.isoformat() if t else '?'}, _SUCCESS "
+              f"{marker_text}, registered {registered_at.isoformat()}): a registered batch is immutable, "
+              f"send the file in a new batch") for key, t in late],
+        )
+        cur.execute("UPDATE batches SET n_quarantined = (SELECT count(*) FROM quarantine WHERE batch_id = %s) "
+                    "WHERE batch_id = %s", (batch_id, batch_id))
+    return [k for k, _ in late]

@@ -148,8 +148,39 @@ def register_batches(
                     for key, code, reason in cur.fetchall():
                         log.warning("quarantined %s [%s]: %s", key, code, reason)
         results.append(result.as_dict())
+    if not dry_run:
+        _record_late_objects(catalogue, s3, cfg)
     _log_registration_table(results, dry_run)
     return results
+
+
+def _record_late_objects(catalogue, s3, cfg: PipelineConfig) -> dict[str, list[str]]:
+    """Every registered batch's ``images/`` listed again: an object the catalogue holds neither
+    as an image nor in quarantine arrived after registration (``_SUCCESS`` written before the
+    upload finished, or a re-upload adding keys) and is quarantined ``late_object`` with its
+    times, so nothing uploaded is silently lost. Listing only (no download): a few LIST calls
+    per thousand objects, once per registering run.
+    """
+    from sku_retraining.catalogue.registration import record_late_objects
+
+    with catalogue.open_connection() as conn, conn.cursor() as cur:
+        cur.execute("SELECT batch_id FROM batches WHERE status = 'registered' ORDER BY batch_id")
+        registered = [b for (b,) in cur.fetchall()]
+    late: dict[str, list[str]] = {}
+    for batch_id in registered:
+        layout = BatchLayout(cfg.prefixes.incoming, batch_id)
+        objects = [
+            (o["Key"], o.get("LastModified"))
+            for o in s3.iter_file_metadata(prefix=layout.images_prefix, bucket_name=cfg.data_bucket)
+            if not o["Key"].endswith("/")
+        ]
+        with catalogue.open_connection() as conn:
+            keys = record_late_objects(conn, batch_id, objects, layout.images_prefix)
+        if keys:
+            late[batch_id] = keys
+            log.warning("batch %s: %d object(s) uploaded after its registration, quarantined late_object: %s",
+                        batch_id, len(keys), ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+    return late
 
 
 def _log_registration_table(results: list[dict], dry_run: bool) -> None:
