@@ -163,9 +163,9 @@ def run_train_e2e(root: Path, samples: list[Sample], args: argparse.Namespace, w
             w.writerow(["path", "class_index", "sku_id", "sha256"])
             w.writerows([s.path, s.class_index, s.sku_id, ""] for s in rows)
     env = dict(os.environ)
-    env.update(SM_ML_ROOT=str(job), SM_CHANNELS='["images","manifests"]', SM_CHANNEL_IMAGES=str(root),
+    env.update(SAGEMAKER_BASE_DIR=str(job), SM_CHANNELS='["images","manifests"]', SM_CHANNEL_IMAGES=str(root),
                SM_CHANNEL_MANIFESTS=str(manifests), SM_MODEL_DIR=str(job / "model"), SM_OUTPUT_DIR=str(job / "out"),
-               SM_OUTPUT_DATA_DIR=str(job / "out" / "data"), SM_CHECKPOINT_DIR=str(job / "ckpt"), SM_HPS="{}",
+               SM_OUTPUT_DATA_DIR=str(job / "out" / "data"), SM_HPS="{}",
                PYTHONUNBUFFERED="1")
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun) if torchrun.exists() else sys.executable, *([] if torchrun.exists() else ["-m", "torch.distributed.run"]),

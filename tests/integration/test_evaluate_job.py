@@ -135,7 +135,7 @@ def job_env(job: Path, channels: dict[str, Path], hps: dict | None = None) -> di
     """SM_* variables for a job directory, as the local backend sets them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
     env.update(
-        SM_ML_ROOT=str(job),
+        SAGEMAKER_BASE_DIR=str(job),
         SM_CHANNELS=json.dumps(sorted(channels)),
         SM_MODEL_DIR=str(job / "model"),
         SM_OUTPUT_DIR=str(job / "output"),

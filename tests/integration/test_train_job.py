@@ -102,12 +102,11 @@ def job_env(job: Path, manifests: Path, images: Path, model: Path | None = None,
     channels = {"manifests": manifests, "images": images} | ({"model": model} if model else {})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
     env.update(
-        SM_ML_ROOT=str(job),
+        SAGEMAKER_BASE_DIR=str(job),
         SM_CHANNELS=json.dumps(sorted(channels)),
         SM_MODEL_DIR=str(job / "model"),
         SM_OUTPUT_DIR=str(job / "output"),
         SM_OUTPUT_DATA_DIR=str(job / "output" / "data"),
-        SM_CHECKPOINT_DIR=str(job / "checkpoints"),
         SM_HPS=json.dumps(hps or {}),
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
@@ -210,7 +209,7 @@ def test_options_from_hyperparameters_and_command_line(tmp_path):
 
     hps = {"epochs": "3", "batch-size": "8", "warm_start": "False", "amp": "false", "freeze": "",
            "lr": "0.2", "workers": "auto", "sagemaker_program": "train.py"}
-    env = JobEnv.from_environment({"SM_HPS": json.dumps(hps), "SM_ML_ROOT": str(tmp_path)})
+    env = JobEnv.from_environment({"SM_HPS": json.dumps(hps), "SAGEMAKER_BASE_DIR": str(tmp_path)})
     args = train.parse_args([], env)
     assert (args.epochs, args.batch_size, args.warm_start, args.amp, args.freeze, args.lr, args.workers) == (
         3, 8, False, "off", "", 0.2, None)
@@ -225,25 +224,44 @@ def test_options_from_hyperparameters_and_command_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_two_processes_learns_and_writes_artefacts(tmp_path, image_root):
-    """Contract layout + hyperparameters.json (strings, as SageMaker passes them)."""
+def test_train_two_processes_under_the_toolkit_learns_and_writes_artefacts(tmp_path, image_root):
+    """The local backend's launch, as on SageMaker: the toolkit's ``train`` reads the config
+    files, decodes the hyperparameters and runs ``train.py`` under its torch-distributed runner
+    (torchrun, 2 processes, gloo on CPU); outputs are packed and uploaded."""
+    import boto3
+    from moto import mock_aws
+
+    from sku_retraining.jobs.local import LocalJobRunner
+    from sku_retraining.jobs.request import Channel, FsxTarget, JobSpec, build_request
+
     images, rows = image_root
-    job = tmp_path / "job"
-    manifests = job / "input" / "data" / "manifests"
+    fsx = images.parent  # the FSx folder: images/ and this test's dataset
+    manifests = fsx / "datasets" / tmp_path.name
     write_manifests(manifests, images, rows, 6, extra_train=[("SKU-RED-CIRCLE/corrupt.jpg", 0)])
-    config = job / "input" / "config"
-    config.mkdir(parents=True)
-    hps = {"epochs": "5", "image_size": "64", "sagemaker_program": "train.py"}
-    (config / "hyperparameters.json").write_text(json.dumps(hps))
-    (config / "inputdataconfig.json").write_text(json.dumps({"manifests": {}, "images": {}}))
-    env = job_env(job, manifests, images)
-    for key in ("SM_HPS", "SM_CHANNELS", "SM_CHECKPOINT_DIR"):
-        env.pop(key)  # read from the config files / default layout instead
+    hps = {"arch": "resnet18", "batch_size": 16, "workers": 0, "head_hidden": 64, "lr": 0.4,
+           "warmup_epochs": 0.5, "print_freq": 0, "epochs": 5, "image_size": 64}
+    request = build_request(JobSpec(
+        job_name="sku-train-toolkit", program="train.py", image_uri="img:1",
+        role_arn="arn:aws:iam::123456789012:role/r", output_s3_uri="s3://jobs/train/",
+        instance_type="ml.c5.xlarge", fsx=FsxTarget("fs-0123456789abcdef0", "fsx"),
+        subnets=("subnet-1",), security_group_ids=("sg-1",), hyperparameters=hps,
+        channels=(Channel("images", "fsx", "images"), Channel("manifests", "fsx", f"datasets/{tmp_path.name}")),
+        checkpoint_s3_uri="s3://jobs/checkpoints/run-1/",
+    ))
+    lines: list[str] = []
     start = time.monotonic()
-    proc = run(torchrun_cmd(*BASE_ARGS), env)
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="jobs")
+        runner = LocalJobRunner(work_root=tmp_path / "jobs", code_dir=TRAIN_PY.parent, fsx_root=fsx,
+                                fsx_mount_name="fsx", s3_client=s3, processes=2, log=lines.append)
+        description = runner.run(request)
+        assert s3.head_object(Bucket="jobs", Key="train/sku-train-toolkit/output/model.tar.gz")
     elapsed = time.monotonic() - start
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    out = "\n".join(lines)
+    print(out[-6000:])
+    assert description["TrainingJobStatus"] == "Completed"
+    assert "torchrun --nnodes 1 --nproc_per_node 2 train.py --arch resnet18 --batch_size 16" in out
     epochs = metric_epochs(out)
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5]
     assert "PARAMS total=" in out and "world 2" in out and "backend gloo" in out
@@ -253,7 +271,9 @@ def test_train_two_processes_learns_and_writes_artefacts(tmp_path, image_root):
     best = max(e["val_top1"] for e in epochs)
     assert best > 2 / 6, f"val_top1 {best} not clearly above chance"
     assert "METRIC final best_epoch=" in out
+    assert {m["MetricName"] for m in description["FinalMetricDataList"]} == set()  # no MetricDefinitions asked
 
+    job = tmp_path / "jobs" / "sku-train-toolkit" / "ml"
     model_dir = job / "model"
     assert {p.name for p in model_dir.iterdir()} == {"model.pt", "classes.json", "metrics.json"}
     doc = json.loads((model_dir / "metrics.json").read_text())
@@ -261,11 +281,13 @@ def test_train_two_processes_learns_and_writes_artefacts(tmp_path, image_root):
     assert doc["test"]["count"] == 36
     assert json.loads((job / "output" / "data" / "training_metrics.json").read_text())["best"] == doc["best"]
     assert json.loads((model_dir / "classes.json").read_text())["num_classes"] == 6
+    # CheckpointConfig.LocalPath (/opt/ml/checkpoints) is the folder kept for the checkpoint URI.
     ckpts = sorted(p.name for p in (job / "checkpoints").glob("checkpoint-epoch*.pt"))
     assert ckpts == ["checkpoint-epoch0004.pt", "checkpoint-epoch0005.pt"]  # the last two kept
+    assert (job / "checkpoints").resolve().parent == (tmp_path / "jobs" / "_checkpoints").resolve()
     pairs = _predict(model_dir, images, rows["val"])
     assert sum(t == p for t, p in pairs) / len(pairs) == pytest.approx(doc["best"]["val_top1"], abs=0.02)
-    print(f"2-process training run: {elapsed:.1f}s, best val_top1 {best:.3f}")
+    print(f"2-process training run under the toolkit: {elapsed:.1f}s, best val_top1 {best:.3f}")
 
 
 @pytest.mark.slow

@@ -10,11 +10,12 @@ Every error names the offending field.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
+
+import regex
 
 #: Instance types that SMDDP supports (AWS docs: "Supported frameworks, AWS Regions, and
 #: instances types" for the SageMaker distributed data parallelism library).
@@ -166,15 +167,13 @@ def _input_shape():
 
 
 @cache
-def _compiled(pattern: str | None) -> re.Pattern | None:
-    """The model's patterns are Java regexes; the few Python cannot read (``\\p{...}``
-    classes) are left to the service to check."""
+def _compiled(pattern: str | None) -> regex.Pattern | None:
+    """The model's patterns are Java regexes. The ``regex`` package reads them, Unicode
+    property classes included (``\\p{L}``, ``\\p{Z}``, ``\\p{N}``, ``\\p{Alnum}``: the
+    SageMaker tag patterns); one it cannot read is an error here, not a check skipped."""
     if not pattern or pattern == ".*":
         return None
-    try:
-        return re.compile(pattern, flags=re.DOTALL)
-    except re.error:
-        return None
+    return regex.compile(pattern, flags=regex.DOTALL)
 
 
 def _walk_constraints(shape, value: Any, path: str, errors: list[str]) -> None:
@@ -197,6 +196,14 @@ def _walk_constraints(shape, value: Any, path: str, errors: list[str]) -> None:
         pattern = _compiled(shape.metadata.get("pattern"))
         if pattern is not None and not pattern.fullmatch(value):
             errors.append(f"{path}: {value!r} does not match the pattern {pattern.pattern}")
+
+
+def model_constraint_errors(shape, value: Any, path: str = "") -> list[str]:
+    """The enum and pattern violations of ``value`` against a botocore input ``shape`` (any
+    service: the FSx tests use it too)."""
+    errors: list[str] = []
+    _walk_constraints(shape, value, path, errors)
+    return errors
 
 
 def validate_request(request: Mapping[str, Any], *, fsx_mount_name: str | None = None) -> None:

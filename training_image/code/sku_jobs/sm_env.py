@@ -1,9 +1,18 @@
 """The SageMaker training-container contract, read from the environment.
 
-SageMaker (and the project's local job backend) describe a job through ``SM_*`` variables
-and the JSON files under ``/opt/ml/input/config``. This module is the one place that reads
-them, so the entry points (``augment.py``, ``train.py``, ``evaluate.py``) only see a typed
-:class:`JobEnv`.
+The DLC's launcher (the ``sagemaker-training`` toolkit, which the project's local job backend
+runs too) describes a job through ``SM_*`` variables — ``SM_HPS`` (hyperparameters, already
+JSON-decoded, ``sagemaker_*`` ones left out), ``SM_CHANNELS`` / ``SM_CHANNEL_<NAME>``,
+``SM_HOSTS``, ``SM_CURRENT_HOST``, ``SM_NUM_GPUS``, ``SM_NUM_CPUS``, ``SM_MODEL_DIR``,
+``SM_OUTPUT_DIR``, ``SM_OUTPUT_DATA_DIR``, ``SM_INPUT_DIR``, ``SM_INPUT_CONFIG_DIR`` — and the
+JSON files under ``<base>/input/config``. ``<base>`` is ``/opt/ml``, or ``SAGEMAKER_BASE_DIR``
+where that is set (the toolkit's own variable; the local backend points it at the job's
+folder). Checkpoints are ``<base>/checkpoints``: the ``CheckpointConfig.LocalPath`` of our
+requests, which SageMaker syncs with the checkpoint S3 URI.
+
+This module is the one place that reads them, so the entry points (``augment.py``,
+``train.py``, ``evaluate.py``) only see a typed :class:`JobEnv`. Nothing here is specific to
+the local backend: the same code runs unchanged on SageMaker.
 """
 
 from __future__ import annotations
@@ -16,10 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_ML_ROOT = Path("/opt/ml")
-
-
-def _ml_root() -> Path:
-    return Path(os.environ.get("SM_ML_ROOT", str(DEFAULT_ML_ROOT)))
+BASE_DIR_ENV = "SAGEMAKER_BASE_DIR"  # sagemaker_training.environment.BASE_PATH_ENV
 
 
 def _load_json(path: Path) -> dict | list | None:
@@ -30,7 +36,8 @@ def _load_json(path: Path) -> dict | list | None:
 
 
 def _decode_hyperparameter(value: object) -> object:
-    """SageMaker passes every hyperparameter as a string; decode JSON-looking ones."""
+    """SageMaker passes every hyperparameter as a string; decode JSON-looking ones (as the
+    toolkit's ``environment.read_hyperparameters`` does)."""
     if not isinstance(value, str):
         return value
     try:
@@ -73,15 +80,15 @@ class JobEnv:
     @classmethod
     def from_environment(cls, environ: dict[str, str] | None = None) -> JobEnv:
         env = os.environ if environ is None else environ
-        root = Path(env.get("SM_ML_ROOT", str(_ml_root())))
+        root = Path(env.get(BASE_DIR_ENV, str(DEFAULT_ML_ROOT)))
         input_dir = Path(env.get("SM_INPUT_DIR", str(root / "input")))
         config_dir = Path(env.get("SM_INPUT_CONFIG_DIR", str(input_dir / "config")))
 
         if "SM_HPS" in env:
-            raw_hps = json.loads(env["SM_HPS"])
+            hyperparameters = dict(json.loads(env["SM_HPS"]))  # decoded by the toolkit already
         else:
             raw_hps = _load_json(config_dir / "hyperparameters.json") or {}
-        hyperparameters = {k: _decode_hyperparameter(v) for k, v in raw_hps.items()}
+            hyperparameters = {k: _decode_hyperparameter(v) for k, v in raw_hps.items()}
 
         resource = _load_json(config_dir / "resourceconfig.json") or {}
         hosts = json.loads(env["SM_HOSTS"]) if "SM_HOSTS" in env else resource.get("hosts", ["algo-1"])
@@ -102,7 +109,7 @@ class JobEnv:
             model_dir=Path(env.get("SM_MODEL_DIR", str(root / "model"))),
             output_data_dir=Path(env.get("SM_OUTPUT_DATA_DIR", str(output_dir / "data"))),
             output_dir=output_dir,
-            checkpoint_dir=Path(env.get("SM_CHECKPOINT_DIR", str(root / "checkpoints"))),
+            checkpoint_dir=root / "checkpoints",
             hosts=list(hosts),
             current_host=current_host,
             num_gpus=int(env.get("SM_NUM_GPUS", "0")),
