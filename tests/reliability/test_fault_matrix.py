@@ -264,6 +264,63 @@ def postgres_connection_killed_mid_registration(cfg, s3_client, tmp, monkeypatch
     return Run(run_intake(cfg, batch_ids=ids), expect_quarantine={"corrupt_image", "not_an_image"})
 
 
+def postgres_server_restarted_mid_registration(cfg, s3_client, tmp, monkeypatch) -> Run:
+    """A real server stop (fast shutdown: every session cut, postmaster gone) right after the
+    registering transaction's COPY, then a start on the same port and the task's retry. On a
+    dedicated server of its own, so the suite's shared server is never stopped; the row checks
+    the catalogue invariants on that server and leaves the shared catalogue untouched."""
+    import shutil
+
+    from sku_dev.local_stack import (
+        SHARED_TMP,
+        PostgresServer,
+        airflow_postgres_conn,
+        free_port,
+        reachable_data_dir,
+    )
+    from sku_retraining.catalogue import registration
+
+    shared_conn = os.environ[f"AIRFLOW_CONN_{CATALOGUE_CONN_ID.upper()}"]
+    data_dir = reachable_data_dir(tmp / "pg-restart", key=str(tmp / "pg-restart"))  # as tests/conftest.py
+    server = PostgresServer(data_dir, free_port(), fsync=False)
+    server.start()
+    try:
+        monkeypatch.setenv(f"AIRFLOW_CONN_{CATALOGUE_CONN_ID.upper()}",
+                           airflow_postgres_conn(server.port, server.database, server.role))
+        intake.migrate_catalogue(cfg=cfg)
+        upload(s3_client, "m1", inject=("corrupt_jpeg",))
+        real, fired = registration._copy_rows, {"done": False}
+
+        def stopped(cur, *args, **kwargs):
+            n = real(cur, *args, **kwargs)
+            if not fired["done"]:
+                fired["done"] = True
+                server.stop()
+            return n
+
+        monkeypatch.setattr(registration, "_copy_rows", stopped)
+        with pytest.raises(Exception, match="(?i)terminat|connection|closed|shut"):
+            intake.register_batches(["m1"], run_id="run-1", cfg=cfg)
+        assert fired["done"] and not server.is_running()
+        server.start()  # same data dir, same port
+        with _db(cfg) as conn:
+            assert conn.execute("SELECT count(*) FROM images WHERE batch_id = 'm1'").fetchone()[0] == 0
+        results = run_intake(cfg, batch_ids=["m1"])  # the task's retry
+        assert [r["status"] for r in results[1]] == ["registered"]
+        with _db(cfg) as conn:
+            own = invariants.check_all(conn, s3_client, bucket=BUCKET, secret=SECRET, results=results)
+            n = conn.execute("SELECT count(*), count(DISTINCT fsx_path) FROM images WHERE batch_id = 'm1' "
+                             "AND source_sha256 IS NULL").fetchone()
+        # The shared production pointer names v0001 of the shared catalogue, not of this one.
+        assert [v for v in own.violations if "production.json" not in v] == [], own.violations
+        assert own.facts["originals"] + own.facts["quarantined"] == own.facts["uploaded"] and n[0] == n[1] > 0
+    finally:
+        monkeypatch.setenv(f"AIRFLOW_CONN_{CATALOGUE_CONN_ID.upper()}", shared_conn)
+        server.stop()
+        shutil.rmtree(data_dir.parent if data_dir.parent.parent == SHARED_TMP else data_dir, ignore_errors=True)
+    return Run(results)
+
+
 def _register_then_hang(conn_env: str, ids: list[str], ready) -> None:  # pragma: no cover - child
     os.environ[f"AIRFLOW_CONN_{CATALOGUE_CONN_ID.upper()}"] = conn_env
     from sku_retraining.catalogue import registration
@@ -415,6 +472,7 @@ ROWS: list[tuple[str, Callable]] = [
     ("success-before-images", success_before_images),
     ("fault:s3-down-mid-upload", s3_down_mid_upload),
     ("fault:postgres-killed-mid-registration", postgres_connection_killed_mid_registration),
+    ("fault:postgres-server-restarted-mid-registration", postgres_server_restarted_mid_registration),
     ("fault:worker-sigkill-mid-registration", worker_sigkilled_mid_registration),
     ("fault:two-runs-at-once", two_runs_at_once),
     ("fault:cleared-and-rerun-from-the-middle", cleared_and_rerun_from_the_middle),
