@@ -57,11 +57,16 @@ def catalogue_connect(env: dict[str, str]):
 
 def _s3(env: dict[str, str]):
     import boto3
+    from botocore.config import Config
 
+    # As the promotion task does: objects are checked by their own SHA-256, and the SDK's
+    # optional CRC check on reads trips on moto's checksum for a server-side copy of a
+    # multipart upload (a promoted model.tar.gz), FlexibleChecksumError on a good object.
     return boto3.client(
         "s3", endpoint_url=env["SKU_RETRAINING_S3_ENDPOINT_URL"], region_name=env.get("AWS_DEFAULT_REGION", "us-east-1"),
         aws_access_key_id=env.get("AWS_ACCESS_KEY_ID", "testing"),
         aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY", "testing"),
+        config=Config(response_checksum_validation="when_required"),
     )
 
 
