@@ -40,11 +40,16 @@ def sku_id(i: int) -> str:
 
 
 def staged_images(batch_id: str, skus: range, per_sku: int):
+    """Synthetic file facts; perceptual hashes random, except that every 4th image is a
+    near-duplicate of the one before (2 bits flipped), so clustering has groups to find."""
     for s in skus:
         sku = sku_id(s)
+        phash = 0
         for j in range(per_sku):
             digest = hashlib.sha256(f"{sku}/{j}".encode()).hexdigest()
-            yield StagedImage(f"incoming/{batch_id}/images/{sku}/img_{j:04d}.jpg", sku, digest, 150_000, 512, 512)
+            phash = phash ^ 0b101 << (j % 60) if j % 4 == 3 else int(digest[:16], 16)
+            yield StagedImage(f"incoming/{batch_id}/images/{sku}/img_{j:04d}.jpg", sku, digest, 150_000, 512, 512,
+                              phash=f"{phash:016x}")
 
 
 def manifest(batch_id: str, skus: range):
@@ -80,9 +85,10 @@ def naive_baseline(conn, sample: int, split: SplitConfig) -> float:
             u = int(hashlib.md5((image.sha256 + ":split").encode()).hexdigest()[:8], 16) / 2**32
             part = "train" if u < split.train_fraction else "val" if u < split.train_fraction + split.val_fraction else "test"
             cur.execute(
-                "INSERT INTO images (sha256, sku_id, batch_id, fsx_path, split, width, height, n_bytes) "
-                "VALUES (%s, %s, 'naive', %s, %s, %s, %s, %s)",
-                (image.sha256, image.sku_folder, image.object_key, part, image.width, image.height, image.n_bytes),
+                "INSERT INTO images (sha256, sku_id, batch_id, fsx_path, split, width, height, n_bytes, group_key) "
+                "VALUES (%s, %s, 'naive', %s, %s, %s, %s, %s, %s)",
+                (image.sha256, image.sku_folder, image.object_key, part, image.width, image.height, image.n_bytes,
+                 "image:" + image.sha256),
             )
     return len(rows) / (time.perf_counter() - started)
 

@@ -80,6 +80,83 @@ def _near_pairs(np, a, b, max_distance: int, upper: bool, block: int = 1024):
         yield from zip(rows.tolist(), cols.tolist(), strict=True)
 
 
+def default_key(sha256: str, hashed: bool) -> str:
+    """The group of an image in no cluster and no manifest group."""
+    return (PHASH_PREFIX if hashed else IMAGE_PREFIX) + sha256
+
+
+def hashes_array(np, hex_hashes: list[str]):
+    """16-hex-digit hashes -> uint64 array, in one pass (no Python int per image)."""
+    return np.frombuffer(bytes.fromhex("".join(hex_hashes)), dtype=">u8").astype(np.uint64)
+
+
+def group_keys(
+    shas: list[str],
+    skus: list[str],
+    phashes: list[str | None],
+    labels: list[str | None],
+    existing: Iterable[tuple[str, int, str]] = (),
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+) -> dict[int, str]:
+    """Group keys of the new originals given column-wise, for those whose key is *not*
+    :func:`default_key` (labelled, clustered or joining a registered group): ``{index: key}``.
+    ``phashes`` are 16 hex digits (or None); ``existing`` holds signed 64-bit integers.
+
+    Most images are alone in their group, so only the few in a cluster cost any Python work;
+    the all-pairs distances are numpy, one SKU at a time.
+    """
+    import numpy as np
+
+    out: dict[int, str] = {}
+    if not shas:
+        return out
+    anchors: dict[str, list[tuple[int, str]]] = defaultdict(list)  # phash as uint64 bits
+    for sku, phash, key in existing:
+        if phash is not None:
+            anchors[sku].append((phash & (2**64 - 1), key))
+    by_sku: dict[str, list[int]] = defaultdict(list)
+    for i, (phash, label) in enumerate(zip(phashes, labels, strict=True)):
+        if label is not None:
+            out[i] = MANIFEST_PREFIX + label
+            if phash is not None:  # a labelled image anchors its group: unlabelled near-duplicates join it
+                anchors[skus[i]].append((int(phash, 16), out[i]))
+        elif phash is not None and max_distance >= 0:
+            by_sku[skus[i]].append(i)
+    if not by_sku:
+        return out
+    rows_all = [i for members in by_sku.values() for i in members]
+    hashes_all = hashes_array(np, [phashes[i] for i in rows_all])
+    start = 0
+    for sku, rows in by_sku.items():
+        h = hashes_all[start:start + len(rows)]
+        start += len(rows)
+        pairs = list(_near_pairs(np, h, h, max_distance, upper=True))
+        fixed = anchors.get(sku, [])
+        near_fixed = []
+        if fixed:
+            fixed_hashes = np.array([fh for fh, _ in fixed], dtype=np.uint64)
+            near_fixed = list(_near_pairs(np, h, fixed_hashes, max_distance, upper=False))
+        if not pairs and not near_fixed:
+            continue  # every image of this SKU is alone: the default key
+        # Union-find over the few images that have a neighbour; the rest stay alone.
+        nodes = sorted({i for pair in pairs for i in pair} | {i for i, _ in near_fixed})
+        local = {node: n for n, node in enumerate(nodes)}
+        roots = _components(len(nodes), [(local[a], local[b]) for a, b in pairs])
+        touched: dict[int, str] = {}
+        for i, j in near_fixed:
+            root, key = roots[local[i]], fixed[j][1]
+            if root not in touched or key < touched[root]:
+                touched[root] = key
+        first: dict[int, str] = {}
+        for node, root in zip(nodes, roots, strict=True):
+            sha = shas[rows[node]]
+            if root not in first or sha < first[root]:
+                first[root] = sha
+        for node, root in zip(nodes, roots, strict=True):
+            out[rows[node]] = touched.get(root) or PHASH_PREFIX + first[root]
+    return out
+
+
 def assign_groups(
     new: Iterable[GroupInput],
     existing: Iterable[tuple[str, int, str]] = (),
@@ -91,47 +168,12 @@ def assign_groups(
     :param max_distance: link two images when their hashes differ in at most this many bits
         (negative: no clustering, every unlabelled image is its own group).
     """
-    import numpy as np
-
-    out: dict[str, str] = {}
-    by_sku: dict[str, list[GroupInput]] = defaultdict(list)
-    for item in new:
-        if item.manifest_group is not None:
-            out[item.sha256] = MANIFEST_PREFIX + item.manifest_group
-            # A labelled image anchors its group: unlabelled near-duplicates join it.
-            if item.phash is not None:
-                by_sku[item.sku_id].append(item)
-        elif item.phash is None or max_distance < 0:
-            out[item.sha256] = IMAGE_PREFIX + item.sha256
-        else:
-            by_sku[item.sku_id].append(item)
-    anchors: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for sku, phash, key in existing:
-        if sku in by_sku and phash is not None:
-            anchors[sku].append((phash, key))
-
-    for sku, items in by_sku.items():
-        free = [it for it in items if it.manifest_group is None]
-        if not free:
-            continue
-        fixed = anchors.get(sku, []) + [(it.phash, MANIFEST_PREFIX + it.manifest_group)
-                                        for it in items if it.manifest_group is not None]
-        hashes = np.array([it.phash for it in free], dtype=np.int64).view(np.uint64)
-        roots = _components(len(free), _near_pairs(np, hashes, hashes, max_distance, upper=True))
-        touched: dict[int, str] = {}
-        if fixed:
-            fixed_hashes = np.array([h for h, _ in fixed], dtype=np.int64).view(np.uint64)
-            for i, j in _near_pairs(np, hashes, fixed_hashes, max_distance, upper=False):
-                root, key = roots[i], fixed[j][1]
-                if root not in touched or key < touched[root]:
-                    touched[root] = key
-        first: dict[int, str] = {}
-        for it, root in zip(free, roots, strict=True):
-            if root not in first or it.sha256 < first[root]:
-                first[root] = it.sha256
-        for it, root in zip(free, roots, strict=True):
-            out[it.sha256] = touched.get(root) or PHASH_PREFIX + first[root]
-    return out
+    items = list(new)
+    hexes = [None if i.phash is None else f"{i.phash & (2**64 - 1):016x}" for i in items]
+    keys = group_keys([i.sha256 for i in items], [i.sku_id for i in items], hexes,
+                      [i.manifest_group for i in items], existing, max_distance)
+    return {it.sha256: keys.get(n) or default_key(it.sha256, it.phash is not None and max_distance >= 0)
+            for n, it in enumerate(items)}
 
 
 def manifest_groups(images: Iterable[Mapping[str, object]] | None) -> dict[str, str]:

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sku_retraining.catalogue.grouping import GroupInput, assign_groups, phash_to_int
+from sku_retraining.catalogue.grouping import IMAGE_PREFIX, PHASH_PREFIX, group_keys
 from sku_retraining.config import SplitConfig
 from sku_retraining.manifest import BatchManifest
 
@@ -75,8 +75,8 @@ CREATE TEMP TABLE stage_images (
     height integer,
     problem_code text,
     problem_detail text,
-    phash bigint,
-    group_key text COLLATE "C",
+    phash text,            -- 16 hex digits; bigint in images
+    group_key text COLLATE "C",  -- NULL: the default, alone ('phash:' / 'image:' || sha256)
     group_split text       -- the split of the registered group it joins; NULL: a new group
 ) ON COMMIT DROP;
 CREATE TEMP TABLE stage_skus (
@@ -161,30 +161,42 @@ ORDER BY m.sku_id
 RETURNING sku_id
 """
 
-# The split is decided per new group: ``u`` from the first 8 hex digits of md5(sku/group), the
+# The split is decided per new group: ``u`` from the first 8 hex digits of md5(sku/group) (of
+# the content hash for an image alone in its group), the
 # hold-out fill order smallest group first, then by that hash: both the same on any machine.
 # An image joining a registered group takes its split (``group_split``, found before the
 # COPY). ``skus`` holds each SKU's counts *before* this batch; the same statement adds this
 # batch's to them, from the inserted rows themselves (no second scan of images).
 _INSERT_ORIGINALS = """
 WITH accepted AS (
-    SELECT s.sha256, s.sku_folder, s.object_key, s.width, s.height, s.n_bytes, s.phash, s.group_key, s.group_split
+    SELECT s.sha256, s.sku_folder, s.object_key, s.width, s.height, s.n_bytes, s.group_split,
+           ('x' || s.phash)::bit(64)::bigint AS phash,
+           s.group_key IS NULL AS alone,
+           coalesce(s.group_key, CASE WHEN s.phash IS NOT NULL AND %(clustered)s THEN %(phash_prefix)s
+                                      ELSE %(image_prefix)s END || s.sha256) AS group_key
     """ + _ACCEPTED + """
 ),
+-- New groups. Most images are alone in theirs: those rows carry their own columns through, so
+-- only the few images of larger (or registered) groups are joined back to their group's split.
 fresh AS (
-    SELECT a.sku_folder, a.group_key, count(*) AS n, md5(a.sku_folder || '/' || a.group_key) AS h
-    FROM accepted a WHERE a.group_split IS NULL
+    SELECT a.sku_folder, a.group_key, count(*) AS n, md5(a.sku_folder || '/' || a.group_key) AS h,
+           NULL::text AS sha256, NULL::text AS object_key, NULL::integer AS width, NULL::integer AS height,
+           NULL::bigint AS n_bytes, NULL::bigint AS phash
+    FROM accepted a WHERE a.group_split IS NULL AND NOT a.alone
     GROUP BY a.sku_folder, a.group_key
+    UNION ALL
+    SELECT a.sku_folder, a.group_key, 1, a.sha256, a.sha256, a.object_key, a.width, a.height, a.n_bytes, a.phash
+    FROM accepted a WHERE a.alone
 ),
 ranked AS (
-    SELECT f.sku_folder, f.group_key,
+    SELECT f.*,
            ('x' || substr(f.h, 1, 8))::bit(32)::bigint / 4294967296.0 AS u,
            row_number() OVER (PARTITION BY f.sku_folder ORDER BY f.n, f.h) AS r,
            count(*) OVER (PARTITION BY f.sku_folder) AS n_new
     FROM fresh f
 ),
 decided AS (
-    SELECT r.sku_folder, r.group_key,
+    SELECT r.*,
            CASE
              WHEN k.n_groups + r.n_new < %(min_holdout)s THEN 'train'
              WHEN k.n_test = 0 AND r.r = 1 THEN 'test'
@@ -195,13 +207,22 @@ decided AS (
            END AS split
     FROM ranked r JOIN skus k ON k.sku_id = r.sku_folder
 ),
+new_rows AS (
+    SELECT d.sha256, d.sku_folder, d.object_key, d.split, d.width, d.height, d.n_bytes, d.phash, d.group_key
+    FROM decided d WHERE d.sha256 IS NOT NULL
+    UNION ALL
+    SELECT a.sha256, a.sku_folder, a.object_key, coalesce(a.group_split, d.split), a.width, a.height, a.n_bytes,
+           a.phash, a.group_key
+    FROM accepted a
+    LEFT JOIN decided d ON d.sha256 IS NULL AND a.group_split IS NULL
+                       AND d.sku_folder = a.sku_folder AND d.group_key = a.group_key
+    WHERE NOT a.alone
+),
 inserted AS (
     INSERT INTO images (sha256, sku_id, batch_id, fsx_path, split, width, height, n_bytes, phash, group_key)
-    SELECT a.sha256, a.sku_folder, %(batch_id)s, a.object_key, coalesce(a.group_split, d.split),
-           a.width, a.height, a.n_bytes, a.phash, a.group_key
-    FROM accepted a
-    LEFT JOIN decided d ON a.group_split IS NULL AND d.sku_folder = a.sku_folder AND d.group_key = a.group_key
-    ORDER BY a.sha256  -- fills the primary-key index in order
+    SELECT sha256, sku_folder, %(batch_id)s, object_key, split, width, height, n_bytes, phash, group_key
+    FROM new_rows
+    ORDER BY sha256  -- fills the primary-key index in order
     RETURNING sku_id, split
 ),
 per_sku AS (
@@ -234,9 +255,12 @@ WHERE source_sha256 IS NULL AND sku_id = ANY(%s) AND (phash IS NOT NULL OR group
 
 
 def _with_groups(cur, manifest: BatchManifest, images: list[StagedImage], split: SplitConfig) -> list[tuple]:
-    """The staging rows, each with its group key and the split of the registered group it joins."""
-    candidates = [i for i in images if i.problem_code is None and i.sha256 and i.sku_folder in manifest.sku_ids]
-    skus = sorted({i.sku_folder for i in candidates})
+    """The staging rows, each with its group key (NULL: the default, see ``_INSERT_ORIGINALS``)
+    and the split of the registered group it joins (NULL: a new group)."""
+    phashes = [i.phash or None for i in images]
+    listed = manifest.sku_ids  # a property that builds the set: once, not per image
+    candidates = [n for n, i in enumerate(images) if i.problem_code is None and i.sha256 and i.sku_folder in listed]
+    skus = sorted({images[n].sku_folder for n in candidates})
     existing: list[tuple[str, int, str]] = []
     registered: dict[tuple[str, str], str] = {}
     if skus:
@@ -250,21 +274,17 @@ def _with_groups(cur, manifest: BatchManifest, images: list[StagedImage], split:
     def label(i: StagedImage) -> str | None:
         return labels.get(f"{i.sku_folder}/{i.object_key.rsplit('/', 1)[-1]}") if labels else None
 
-    keys = assign_groups(
-        (GroupInput(i.sha256, i.sku_folder, phash_to_int(i.phash) if i.phash else None, label(i))
-         for i in candidates),
-        existing,
-        split.near_duplicate_max_distance,
+    found = group_keys(
+        [images[n].sha256 for n in candidates], [images[n].sku_folder for n in candidates],
+        [phashes[n] for n in candidates], [label(images[n]) for n in candidates],
+        existing, split.near_duplicate_max_distance,
     )
-    rows = []
-    for i in images:
-        key = keys.get(i.sha256) if i.sha256 else None
-        rows.append((
-            i.object_key, i.sku_folder, i.sha256, i.n_bytes, i.width, i.height, i.problem_code, i.problem_detail,
-            phash_to_int(i.phash) if i.phash else None, key,
-            registered.get((i.sku_folder, key)) if key else None,
-        ))
-    return rows
+    keys = {candidates[k]: key for k, key in found.items()}
+    return [
+        (i.object_key, i.sku_folder, i.sha256, i.n_bytes, i.width, i.height, i.problem_code, i.problem_detail,
+         phashes[n], keys.get(n), registered.get((i.sku_folder, keys[n])) if n in keys else None)
+        for n, i in enumerate(images)
+    ]
 
 
 def _copy_rows(cur, statement: str, rows: Iterable[tuple]) -> int:
@@ -395,6 +415,9 @@ def register_batch(
                 _INSERT_ORIGINALS,
                 {
                     **params,
+                    "clustered": split.near_duplicate_max_distance >= 0,
+                    "phash_prefix": PHASH_PREFIX,
+                    "image_prefix": IMAGE_PREFIX,
                     "min_holdout": split.min_originals_for_holdout,
                     "train": split.train_fraction,
                     "val": split.val_fraction,
