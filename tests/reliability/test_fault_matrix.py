@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import job_faults  # tests/reliability/job_faults.py (pytest puts this folder on sys.path)
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
@@ -445,6 +446,14 @@ def fault_between_copy_and_pointer(cfg, s3_client, tmp, monkeypatch) -> Run:
     return Run([snapshot, result])
 
 
+def failed_training_job(cfg, s3_client, tmp, monkeypatch) -> Run:
+    return Run(job_faults.failed_training_job(cfg, s3_client, tmp, monkeypatch))
+
+
+def worker_sigkilled_mid_augmentation(cfg, s3_client, tmp, monkeypatch) -> Run:
+    return Run(job_faults.worker_sigkilled_mid_augmentation(cfg, s3_client, tmp, monkeypatch))
+
+
 # Every row: (id, scenario). Codes are the quarantine reason codes the row must produce.
 ROWS: list[tuple[str, Callable]] = [
     ("corrupt", bad_image("corrupt_jpeg", {"corrupt_image", "not_an_image"})),
@@ -478,6 +487,8 @@ ROWS: list[tuple[str, Callable]] = [
     ("fault:cleared-and-rerun-from-the-middle", cleared_and_rerun_from_the_middle),
     ("fault:s3-down-mid-promotion", s3_down_mid_promotion),
     ("fault:between-promotion-copy-and-pointer", fault_between_copy_and_pointer),
+    ("fault:worker-sigkill-mid-augmentation", worker_sigkilled_mid_augmentation),
+    ("fault:failed-training-job", failed_training_job),
 ]
 
 

@@ -166,6 +166,20 @@ def _wait_gone(procs: list, timeout: float) -> list:
         time.sleep(0.1)
 
 
+def _processes_in(job_dir: Path) -> list:
+    """Processes (other than this one) whose working directory is inside ``job_dir``."""
+    import psutil
+
+    root, found = job_dir.resolve(), []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and Path(proc.cwd()).is_relative_to(root):
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
 def _signal_all(pgid: int, procs: list, sig: signal.Signals) -> None:
     import psutil
 
@@ -324,6 +338,8 @@ class LocalJobRunner:
         if recorded and recorded["TrainingJobStatus"] == "Completed" and self._artefacts_exist(recorded):
             self.log(f"Local job {name} already completed at {recorded['TrainingEndTime']}: re-attaching")
             return recorded
+        if recorded and recorded["TrainingJobStatus"] == "InProgress":
+            self._kill_stale(job_dir, recorded)
 
         ml_root = job_dir / "ml"
         # A previous failed attempt's inputs and outputs. rmtree unlinks the FSx and checkpoint
@@ -399,6 +415,55 @@ class LocalJobRunner:
                 process.wait(timeout=self.grace_seconds)
             except subprocess.TimeoutExpired:
                 pass
+
+    def _note_process(self, job_dir: Path, pid: int) -> None:
+        """Record the job's process group in its ``InProgress`` record, so that the next run of
+        this job can find it if this worker dies without stopping it (see :meth:`_kill_stale`)."""
+        import psutil
+
+        description = json.loads((job_dir / STATUS_FILE).read_text())
+        description["LocalProcess"] = {"pgid": pid, "create_time": psutil.Process(pid).create_time()}
+        self._record(job_dir, description)
+
+    def _kill_stale(self, job_dir: Path, recorded: Mapping[str, Any]) -> None:
+        """Kill what is left of a run of this job whose worker died (SIGKILL, OOM, a lost pod).
+
+        The job is a session of its own, so it outlives a SIGKILLed worker and would keep writing
+        into the folder this run is about to reuse. Killed (SIGKILL): the recorded process group
+        when its leader is still the recorded process (not a reused pid), its descendants, and
+        any process still working in the job's folder (torchrun's workers, whose leader is gone).
+        """
+        import psutil
+
+        info = recorded.get("LocalProcess") or {}
+        pgid, procs = info.get("pgid"), []
+        if pgid:
+            try:
+                leader = psutil.Process(pgid)
+                if abs(leader.create_time() - float(info.get("create_time", 0))) < 0.01:
+                    procs = [leader, *_descendants(pgid)]
+                else:
+                    pgid = None  # the pid names another process now: never signal its group
+            except psutil.Error:
+                pgid = None
+        procs += [p for p in _processes_in(job_dir) if p not in procs]
+        procs = [p for p in procs if _is_alive(p)]
+        if not procs:
+            return
+        self.log(f"Local job {job_dir.name} was left running by a worker that died: killing its "
+                 f"{len(procs)} process(es) (process group {info.get('pgid')}) before running it again")
+        if pgid:
+            _signal_all(pgid, procs, signal.SIGKILL)
+        else:
+            for proc in procs:
+                try:
+                    proc.send_signal(signal.SIGKILL)
+                except psutil.Error:
+                    pass
+        alive = _wait_gone(procs, self.grace_seconds)
+        if alive:
+            raise LocalJobError(f"local job {job_dir.name}: {len(alive)} process(es) of its previous run "
+                                f"survived SIGKILL: {[p.pid for p in alive]}")
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -582,6 +647,7 @@ class LocalJobRunner:
                 bufsize=1,
                 start_new_session=True,  # its own process group (and session), like the container
             )
+            self._note_process(paths["root"].parent, self._process.pid)
         timer = None
         if max_runtime:
             timer = threading.Timer(float(max_runtime), self._on_max_runtime, args=(max_runtime,))

@@ -1,0 +1,277 @@
+"""Fault-matrix rows about container jobs on the local backend: a training job killed mid-epoch
+and resumed, a failed training job's reason reaching the log and the notification, and the
+worker SIGKILLed while the augmentation job writes variants. Each function returns the task
+results (what would be XCom) for the matrix's invariant check (tests/reliability/test_fault_matrix.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import boto3
+import psutil
+import pytest
+
+from sku_dev.local_stack import CATALOGUE_CONN_ID
+from sku_dev.synthetic import generate_batch, make_skus, upload_batch
+from sku_retraining.tasks import intake
+
+BUCKET = "sku-retraining-data"
+DAG_ID = "sku_retraining"
+RUN_ID = "manual__2026-12-01T03:00:00+00:00"
+
+
+def task_context(task_id: str, run_id: str = RUN_ID, try_number: int = 1) -> dict:
+    """What the operators read from an Airflow context (as tests/integration/test_sagemaker_backend.py)."""
+    pushed: dict = {}
+    ti = SimpleNamespace(dag_id=DAG_ID, task_id=task_id, try_number=try_number, max_tries=0, run_id=run_id,
+                         map_index=-1, xcom_push=lambda key, value: pushed.__setitem__(key, value),
+                         xcom_pull=lambda key=None, task_ids=None, **kw: pushed.get(key))
+    return {"ti": ti, "run_id": run_id, "params": {"freeze": "auto"}}
+
+
+class LogLines(logging.Handler):
+    """What reaches the task log while active: operators log through structlog (Airflow's task
+    runner routes it to the task log; here ``structlog.testing.capture_logs`` keeps the events),
+    task functions and notifiers through the standard library (a handler on the root logger)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self._structlog = None
+        self._events: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def __enter__(self) -> LogLines:
+        from structlog.testing import capture_logs
+
+        logging.getLogger().addHandler(self)
+        self._structlog = capture_logs()
+        self._events = self._structlog.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeHandler(self)
+        self._structlog.__exit__(*exc)
+
+    @property
+    def text(self) -> str:
+        rendered = []
+        for event in self._events:
+            message, args = str(event.get("event", "")), event.get("positional_args")
+            rendered.append(message % tuple(args) if args else message)
+        return "\n".join([*self.lines, *rendered])
+
+
+class Inbox:
+    """An SQS queue subscribed to an SNS topic in the moto server (as tests/integration/test_notifications.py)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sns = boto3.client("sns", endpoint_url=endpoint, region_name="us-east-1")
+        self.sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1")
+        self.topic_arn = self.sns.create_topic(Name="sku-retraining")["TopicArn"]
+        self.queue_url = self.sqs.create_queue(QueueName="inbox")["QueueUrl"]
+        arn = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])["Attributes"]
+        self.sns.subscribe(TopicArn=self.topic_arn, Protocol="sqs", Endpoint=arn["QueueArn"])
+
+    def messages(self, wait: int = 1) -> list[dict]:
+        found = []
+        while True:
+            got = self.sqs.receive_message(QueueUrl=self.queue_url, WaitTimeSeconds=wait, MaxNumberOfMessages=10)
+            if not got.get("Messages"):
+                return found
+            for message in got["Messages"]:
+                found.append(json.loads(message["Body"]))
+                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+            wait = 0
+
+
+def dag_task(task_id: str):
+    """The task as the DAG file defines it (its callbacks are what Airflow runs)."""
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow 3.0.x (MWAA): DagBag still lives in airflow.models
+        from airflow.models.dagbag import DagBag
+
+    from sku_retraining.config import PROJECT_ROOT
+
+    bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / "sku_retraining.py"), safe_mode=False)
+    assert not bag.import_errors, bag.import_errors
+    return bag.get_dag(DAG_ID).get_task(task_id)
+
+
+def run_failure_callbacks(task, context: dict) -> None:
+    """What the task runner does when a task fails for good (``finalize``): each
+    ``on_failure_callback`` through Airflow's own callback runner, the exception in the context."""
+    from airflow.sdk.execution_time import task_runner
+
+    task_runner._run_task_state_change_callbacks(task, "on_failure_callback", context, logging.getLogger("airflow.task"))
+
+
+# -- a failed training job -------------------------------------------------------------------------
+
+
+def failed_training_job(cfg, s3_client, tmp: Path, monkeypatch) -> list:
+    """The training job fails inside the container (an impossible hyperparameter: a negative
+    learning rate, refused by train.py, which writes the reason to ``output/failure``). The
+    reason must reach the task log (the job's lines streamed by the operator, and the exception
+    the task runner logs) and the failure notification (SNS, read back through SQS)."""
+    from sku_retraining.jobs.local import LocalJobError
+    from sku_retraining.operators.training import SkuTrainingOperator
+
+    inbox = Inbox(os.environ["SKU_RETRAINING_S3_ENDPOINT_URL"])
+    monkeypatch.setenv("AIRFLOW_VAR_SKU_RETRAINING_CONFIG",
+                       json.dumps({"notifications": {"sns_topic_arn": inbox.topic_arn}}))
+    snapshot = intake.export_manifests(run_id="baseline", batch_ids=["m0"], cfg=cfg)  # m0's, unchanged
+    defined = dag_task("train_model")
+    operator = SkuTrainingOperator(task_id="train_model", snapshot=snapshot, production=None, warm_start=False,
+                                   epochs=1, learning_rate=-0.5, job_backend="local",
+                                   on_failure_callback=defined.on_failure_callback)
+    context = task_context("train_model")
+    with LogLines() as log, pytest.raises(LocalJobError) as failure:
+        operator.execute(context)
+    job_name = operator.config["TrainingJobName"]
+    job_dir = Path(cfg.fsx.local_path()).parent / "jobs" / job_name
+    reason = (job_dir / "ml" / "output" / "failure").read_text().strip()
+    recorded = json.loads((job_dir / "job.json").read_text())
+    assert "--lr must be > 0" in reason, reason
+    assert recorded["TrainingJobStatus"] == "Failed" and recorded["FailureReason"] == reason
+    # The task log: the job's own lines, streamed through the operator's logger.
+    assert "--lr must be > 0" in log.text, log.text[-3000:]
+    # The exception the task runner logs ("Task failed with exception") and hands the callbacks.
+    assert reason in str(failure.value), str(failure.value)
+
+    context["exception"] = failure.value
+    with LogLines() as callback_log:
+        run_failure_callbacks(operator, context)
+    assert "Failed to run task callback" not in callback_log.text, callback_log.text
+    [message] = inbox.messages()
+    assert message["Subject"] == f"sku-recognition: {DAG_ID}.train_model failed"
+    assert f"Reason: LocalJobError: Local job {job_name} failed: {reason}" in message["Message"], message["Message"]
+    assert message["MessageAttributes"]["event"]["Value"] == "task_failed"
+    return [snapshot, recorded, message]
+
+
+# -- the worker SIGKILLed mid-augmentation ---------------------------------------------------------
+
+VARIANTS = 3
+
+
+def _augmentation_step(cfg, run_id: str) -> list:
+    """The DAG's augmentation step: export_augmentation_inputs → augment_on_fsx → register_variants."""
+    from sku_retraining.operators.augmentation import FsxAugmentationOperator
+    from sku_retraining.tasks.augmentation import export_augmentation_inputs, register_augmentation_output
+
+    inputs = export_augmentation_inputs(variants_per_image=VARIANTS, cfg=cfg)
+    operator = FsxAugmentationOperator(task_id="augment_on_fsx", augment_inputs=inputs, instance_type="ml.c5.xlarge",
+                                       instance_count=1, job_backend="local")
+    job = operator.execute(task_context("augment_on_fsx", run_id=run_id))
+    return [inputs, job, register_augmentation_output(job, cfg=cfg)]
+
+
+def _augment_in_worker(conn_env: str, run_id: str) -> None:  # pragma: no cover - the forked worker
+    os.environ[f"AIRFLOW_CONN_{CATALOGUE_CONN_ID.upper()}"] = conn_env
+    from sku_retraining.config import load_config
+
+    _augmentation_step(load_config(), run_id)
+
+
+def _job_pids(job_dir: Path) -> list[int]:
+    """Processes working in the job's folder (the launcher, the job, its pool)."""
+    root = job_dir.resolve()
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and Path(proc.cwd()).is_relative_to(root):
+                found.append(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def worker_sigkilled_mid_augmentation(cfg, s3_client, tmp: Path, monkeypatch) -> list:
+    """A worker runs the augmentation step and is SIGKILLed while the job writes variants; the
+    job (a session of its own) outlives it. The retry kills the orphaned job before running the
+    job again (jobs/local.py ``_kill_stale``), completes, and registers every variant once."""
+    batch = generate_batch("m1", make_skus(4, start=10), 16, seed=7, image_size=256)
+    upload_batch(s3_client, BUCKET, batch)
+    first = intake.register_batches(["m1"], run_id="run-1", cfg=cfg)
+    intake.import_batches_to_fsx(["m1"], cfg=cfg)
+    fsx = Path(cfg.fsx.local_path())
+    jobs = fsx.parent / "jobs"
+    with _db_conn() as conn:
+        train = conn.execute("SELECT count(*) FROM images WHERE source_sha256 IS NULL AND split = 'train'").fetchone()[0]
+    expected = train * VARIANTS
+
+    def variants_on_fsx() -> list[Path]:
+        return [p for p in fsx.glob("incoming/*/augmented/**/*.jpg") if not p.name.startswith(".")]
+
+    ctx = multiprocessing.get_context("fork")
+    worker = ctx.Process(target=_augment_in_worker, args=(os.environ[f"AIRFLOW_CONN_{CATALOGUE_CONN_ID.upper()}"], "run-1"))
+    worker.start()
+    orphans: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not variants_on_fsx() and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        written_at_kill = len(variants_on_fsx())
+        assert 0 < written_at_kill < expected, f"{written_at_kill} of {expected} variants when the worker was killed"
+        [job_dir] = [p for p in jobs.iterdir() if p.name.startswith("sku-augment-")]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(30)
+        time.sleep(0.2)
+        orphans = _job_pids(job_dir)
+    finally:
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join()
+    assert worker.exitcode == -signal.SIGKILL
+    assert json.loads((job_dir / "job.json").read_text())["TrainingJobStatus"] == "InProgress"
+    print(f"worker killed with {written_at_kill}/{expected} variants written; job processes left: {orphans}")
+
+    with LogLines() as log:
+        results = _augmentation_step(cfg, "run-1")  # the task's retry, on another worker
+    assert results[1]["Training"]["TrainingJobName"] == job_dir.name  # the same job, run again
+    # The bug this row guards: the job is a session of its own and outlives the SIGKILLed worker.
+    assert orphans, "the killed worker's job died with it: the row no longer injects an orphan"
+    for pid in orphans:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
+    assert _job_pids(job_dir) == []
+    assert "was left running by a worker that died" in log.text, log.text[-4000:]
+
+    with _db_conn() as conn:
+        per_source = conn.execute(
+            """SELECT o.sha256, count(v.sha256), count(DISTINCT v.fsx_path)
+               FROM images o LEFT JOIN images v ON v.source_sha256 = o.sha256
+               WHERE o.source_sha256 IS NULL AND o.split = 'train' GROUP BY o.sha256""").fetchall()
+        variants = conn.execute("SELECT fsx_path, sha256 FROM images WHERE source_sha256 IS NOT NULL").fetchall()
+    assert len(per_source) == train
+    assert all(row[1:] == (VARIANTS, VARIANTS) for row in per_source), per_source
+    assert len(variants) == len({p for p, _ in variants}) == expected
+    import hashlib
+
+    for path, sha in variants:
+        name = Path(path).name
+        assert not name.startswith(".") and not name.endswith(".tmp"), path
+        assert hashlib.sha256((fsx / path).read_bytes()).hexdigest() == sha, path
+    leftovers = sorted(p.name for p in fsx.glob("incoming/*/augmented/**/.*.tmp"))
+    print(f"retry registered {results[2]['inserted']} variants; unregistered temp files left on FSx: {leftovers}")
+    return [first, *results]
+
+
+def _db_conn():
+    import psycopg
+
+    info = json.loads(os.environ[f"AIRFLOW_CONN_{CATALOGUE_CONN_ID.upper()}"])
+    return psycopg.connect(host=info["host"], port=info["port"], user=info["login"], dbname=info["schema"],
+                           autocommit=True)
