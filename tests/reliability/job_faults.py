@@ -275,3 +275,97 @@ def _db_conn():
     info = json.loads(os.environ[f"AIRFLOW_CONN_{CATALOGUE_CONN_ID.upper()}"])
     return psycopg.connect(host=info["host"], port=info["port"], user=info["login"], dbname=info["schema"],
                            autocommit=True)
+
+
+# -- the training job killed mid-epoch and resumed -------------------------------------------------
+
+TRAIN_HPS = {"arch": "resnet18", "image_size": 32, "epochs": 3, "batch_size": 4, "workers": 0, "head_hidden": 16,
+             "lr": 0.1, "warmup_epochs": 0.5, "print_freq": 0, "seed": 0, "keep_checkpoints": 5}
+
+
+def _train_request(cfg, snapshot: dict, name: str) -> dict:
+    from sku_retraining.jobs.request import Channel, FsxTarget, JobSpec, build_request
+
+    return build_request(JobSpec(
+        job_name=name, program="train.py", image_uri="sku-retraining-training:local",
+        role_arn="arn:aws:iam::123456789012:role/r", output_s3_uri=f"s3://{BUCKET}/jobs/train/",
+        instance_type="ml.c5.xlarge", fsx=FsxTarget("fs-0123456789abcdef0", cfg.fsx.mount_name),
+        subnets=("subnet-1",), security_group_ids=("sg-1",), hyperparameters=TRAIN_HPS,
+        environment={"OMP_NUM_THREADS": "1"},  # one intra-op thread: the same reduction order every run
+        channels=(Channel("images", "fsx", "", access_mode="ro"), Channel("manifests", "s3", snapshot["s3_uri"])),
+        checkpoint_s3_uri=f"s3://{BUCKET}/jobs/checkpoints/{name}/",
+    ))
+
+
+def _weights(path: Path, key: str) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)[key]
+
+
+def training_killed_and_resumed(cfg, s3_client, tmp: Path, monkeypatch) -> list:
+    """A one-process training job (resnet18, 32 px, 3 epochs, m0's snapshot) SIGKILLed (its whole
+    process group) during epoch 2, after epoch 1's checkpoint was written; the same request run
+    again resumes from that checkpoint and ends with exactly the weights of an uninterrupted run:
+    model, optimizer, scheduler and the torch RNG (augmentations, dropout) come from the
+    checkpoint, the sampler's order is seed + epoch, and loading is in-process (workers 0)."""
+    import threading
+
+    from sku_retraining.config import PROJECT_ROOT
+    from sku_retraining.jobs.local import LocalJobError, LocalJobRunner
+
+    snapshot = intake.export_manifests(run_id="baseline", batch_ids=["m0"], cfg=cfg)
+    lines: list[str] = []
+    runner = LocalJobRunner(work_root=Path(cfg.fsx.local_path()).parent / "jobs",
+                            code_dir=PROJECT_ROOT / "training_image" / "code", fsx_root=Path(cfg.fsx.local_path()),
+                            fsx_mount_name=cfg.fsx.mount_name, s3_client=s3_client, processes=1, log=lines.append)
+    reference = runner.run(_train_request(cfg, snapshot, "sku-train-uninterrupted"))
+    assert reference["TrainingJobStatus"] == "Completed"
+
+    request = _train_request(cfg, snapshot, "sku-train-killed")
+    store = runner._checkpoint_store(request["CheckpointConfig"]["S3Uri"])
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            runner.run(request)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not (store / "checkpoint-epoch0001.pt").exists() and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert (store / "checkpoint-epoch0001.pt").exists(), "no epoch-1 checkpoint appeared"
+        os.killpg(runner._process.pid, signal.SIGKILL)  # the job's process group: launcher and train.py
+    finally:
+        thread.join(120)
+    assert len(errors) == 1 and isinstance(errors[0], LocalJobError), errors
+    assert runner.describe("sku-train-killed")["TrainingJobStatus"] == "Failed"
+    killed_after = max(int(p.stem[-4:]) for p in store.glob("checkpoint-epoch*.pt"))
+    assert killed_after < TRAIN_HPS["epochs"], "the job finished before it was killed"
+
+    del lines[:]
+    resumed = runner.run(request)  # the same request again (a retry of the same attempt)
+    assert resumed["TrainingJobStatus"] == "Completed"
+    text = "\n".join(lines)
+    assert f"(epoch {killed_after} completed); continuing at epoch {killed_after + 1}/3" in text, text[-3000:]
+
+    jobs = runner.work_root
+    ref_store = runner._checkpoint_store(_train_request(cfg, snapshot, "sku-train-uninterrupted")
+                                         ["CheckpointConfig"]["S3Uri"])
+    last = "checkpoint-epoch0003.pt"
+    pairs = [(_weights(ref_store / last, "model"), _weights(store / last, "model")),
+             (_weights(jobs / "sku-train-uninterrupted" / "ml" / "model" / "model.pt", "state_dict"),
+              _weights(jobs / "sku-train-killed" / "ml" / "model" / "model.pt", "state_dict"))]
+    import torch
+
+    for want, got in pairs:
+        assert want.keys() == got.keys()
+        differ = [k for k in want if not torch.equal(want[k], got[k])]
+        assert differ == [], f"{len(differ)} tensors differ after the resume, e.g. {differ[:3]}"
+    print(f"killed after epoch {killed_after}'s checkpoint, resumed: final weights identical "
+          f"({len(pairs[0][0])} tensors)")
+    return [snapshot, reference, resumed]

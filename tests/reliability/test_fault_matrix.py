@@ -450,6 +450,10 @@ def failed_training_job(cfg, s3_client, tmp, monkeypatch) -> Run:
     return Run(job_faults.failed_training_job(cfg, s3_client, tmp, monkeypatch))
 
 
+def training_killed_and_resumed(cfg, s3_client, tmp, monkeypatch) -> Run:
+    return Run(job_faults.training_killed_and_resumed(cfg, s3_client, tmp, monkeypatch))
+
+
 def worker_sigkilled_mid_augmentation(cfg, s3_client, tmp, monkeypatch) -> Run:
     return Run(job_faults.worker_sigkilled_mid_augmentation(cfg, s3_client, tmp, monkeypatch))
 
@@ -489,6 +493,7 @@ ROWS: list[tuple[str, Callable]] = [
     ("fault:between-promotion-copy-and-pointer", fault_between_copy_and_pointer),
     ("fault:worker-sigkill-mid-augmentation", worker_sigkilled_mid_augmentation),
     ("fault:failed-training-job", failed_training_job),
+    ("fault:training-killed-mid-epoch-and-resumed", training_killed_and_resumed),
 ]
 
 

@@ -762,6 +762,12 @@ def run_training(args: argparse.Namespace, env: JobEnv, inputs: Inputs, info: Di
         scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"]) + 1
         best, history = dict(state["best"]), list(state["history"])
+        if "torch_rng" in state and info.world_size == 1:
+            # The augmentations and dropout of the epochs to come draw from where the
+            # interrupted run left off: one process loading in-process (--workers 0) resumes to
+            # the very weights of an uninterrupted run (tests/reliability/job_faults.py). Several
+            # ranks keep their seed+rank streams (only rank 0's state is saved).
+            torch.set_rng_state(state["torch_rng"])
         log(f"Resumed from checkpoint {resume_path} (epoch {state['epoch']} completed); "
             f"continuing at epoch {start_epoch}/{args.epochs}")
 
@@ -799,6 +805,7 @@ def run_training(args: argparse.Namespace, env: JobEnv, inputs: Inputs, info: Di
                     "history": history, "args": {k: v for k, v in vars(args).items()},
                     "fingerprint": inputs.fingerprint, "old_num_classes": old_num_classes,
                     "num_classes": inputs.num_classes, "torch_version": str(torch.__version__),
+                    "torch_rng": torch.get_rng_state(),  # rank 0's: restored by a one-process run
                 },
                 ckpt_dir / f"checkpoint-epoch{epoch:04d}.pt",
             )
