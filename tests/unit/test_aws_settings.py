@@ -52,3 +52,29 @@ def test_sagemaker_operator_takes_them_at_run_time_unless_given(cfg):
     explicit = SkuTrainingOperator(task_id="train_model", snapshot=SNAPSHOT, aws_conn_id="other", region_name="ap-south-1")
     explicit._apply_config(cfg)
     assert (explicit.hook.aws_conn_id, explicit.hook.region_name) == ("other", "ap-south-1")
+
+
+def test_local_attempts_follow_the_fingerprint_and_kill_superseded_leftovers(cfg, monkeypatch):
+    """Local backend: a recorded job of another request is passed over (and its leftovers
+    killed when it was left InProgress); a matching Completed job is adopted."""
+    from sku_retraining.jobs.naming import FINGERPRINT_TAG
+
+    records = {
+        "sku-train-a": {"TrainingJobStatus": "InProgress", "Tags": [{"Key": FINGERPRINT_TAG, "Value": "old"}]},
+        "sku-train-a-t2": {"TrainingJobStatus": "Completed", "Tags": [{"Key": FINGERPRINT_TAG, "Value": "new"}]},
+    }
+    killed = []
+
+    class Runner:
+        def describe(self, name):
+            return records.get(name)
+
+        def kill_leftovers(self, name):
+            killed.append(name)
+
+    operator = SkuTrainingOperator(task_id="train_model", snapshot=SNAPSHOT)
+    monkeypatch.setattr(operator, "_runner", lambda c: Runner())
+    names = ["sku-train-a", "sku-train-a-t2", "sku-train-a-t3"]
+    assert operator._choose_attempt(names, "new", local=True, cfg=cfg) == ("sku-train-a-t2", "Completed")
+    assert killed == ["sku-train-a"]
+    assert operator._choose_attempt(names, "newer", local=True, cfg=cfg) == ("sku-train-a-t3", None)

@@ -297,3 +297,27 @@ def test_completed_job_is_reattached_not_rerun_and_checkpoints_persist(setup):
                        checkpoint_s3_uri=f"s3://{BUCKET}/checkpoints/run-1/"))
     assert (checkpoints / "runs").read_text() == "2"
     assert (runner.work_root / "sku-test-job-t2" / "ml" / "checkpoints").resolve() == checkpoints.resolve()
+
+
+def test_leftover_of_a_superseded_local_job_is_killed(tmp_path):
+    """A worker died while job A ran; the retry's request changed (job B): A's leftovers die."""
+    import subprocess as sp
+
+    from sku_retraining.jobs.local import LocalJobRunner as Runner
+
+    runner = Runner(work_root=tmp_path, code_dir=tmp_path, fsx_root=tmp_path, fsx_mount_name="fsx",
+                    s3_client=None, log=lambda line: None)
+    job_dir = tmp_path / "sku-train-0123456789"
+    job_dir.mkdir()
+    leftover = sp.Popen(["sleep", "60"], cwd=job_dir, start_new_session=True)  # noqa: S607 - test process
+    try:
+        import psutil
+
+        record = {"TrainingJobName": job_dir.name, "TrainingJobStatus": "InProgress",
+                  "LocalProcess": {"pgid": leftover.pid, "create_time": psutil.Process(leftover.pid).create_time()}}
+        (job_dir / "job.json").write_text(json.dumps(record))
+        runner.kill_leftovers(job_dir.name)
+        assert leftover.wait(timeout=10) == -9
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()

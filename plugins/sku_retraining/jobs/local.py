@@ -425,6 +425,12 @@ class LocalJobRunner:
         description["LocalProcess"] = {"pgid": pid, "create_time": psutil.Process(pid).create_time()}
         self._record(job_dir, description)
 
+    def kill_leftovers(self, name: str) -> None:
+        """Kill what a dead worker left running of job ``name`` (recorded ``InProgress``)."""
+        recorded = self.describe(name)
+        if recorded and recorded["TrainingJobStatus"] == "InProgress":
+            self._kill_stale(self.work_root / name, recorded)
+
     def _kill_stale(self, job_dir: Path, recorded: Mapping[str, Any]) -> None:
         """Kill what is left of a run of this job whose worker died (SIGKILL, OOM, a lost pod).
 

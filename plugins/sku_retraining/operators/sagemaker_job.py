@@ -193,9 +193,12 @@ class SkuSageMakerJobOperator(SageMakerTrainingOperator):
                 return name, status  # a local job left InProgress by a dead worker: run it again, resuming
             reason = f"request fingerprint {job_fingerprint}" if job_fingerprint != fingerprint else status
             self.log.info("Passing over job %s (%s, %s): not this request's result", name, status, reason)
-            if not local and status == "InProgress" and job_fingerprint != fingerprint:
+            if status == "InProgress" and job_fingerprint != fingerprint:
                 self.log.warning("Job %s runs a superseded request of this run: stopping it", name)
-                self.hook.conn.stop_training_job(TrainingJobName=name)
+                if local:
+                    self._runner(cfg).kill_leftovers(name)  # left by a dead worker, if anything
+                else:
+                    self.hook.conn.stop_training_job(TrainingJobName=name)
         raise SageMakerJobError(f"all {len(names)} attempt names of this run are used; start a new DAG run")
 
     def _lookup(self, name: str, *, local: bool, cfg: PipelineConfig) -> tuple[str | None, str | None]:
