@@ -161,66 +161,71 @@ ORDER BY m.sku_id
 RETURNING sku_id
 """
 
-# The split is decided per new group: ``u`` from the first 8 hex digits of md5(sku/group) (of
-# the content hash for an image alone in its group), the
-# hold-out fill order smallest group first, then by that hash: both the same on any machine.
-# An image joining a registered group takes its split (``group_split``, found before the
-# COPY). ``skus`` holds each SKU's counts *before* this batch; the same statement adds this
-# batch's to them, from the inserted rows themselves (no second scan of images).
-_INSERT_ORIGINALS = """
-WITH accepted AS (
-    SELECT s.sha256, s.sku_folder, s.object_key, s.width, s.height, s.n_bytes, s.group_split,
-           ('x' || s.phash)::bit(64)::bigint AS phash,
-           s.group_key IS NULL AS alone,
-           coalesce(s.group_key, CASE WHEN s.phash IS NOT NULL AND %(clustered)s THEN %(phash_prefix)s
-                                      ELSE %(image_prefix)s END || s.sha256) AS group_key
-    """ + _ACCEPTED + """
-),
--- New groups. Most images are alone in theirs: those rows carry their own columns through, so
--- only the few images of larger (or registered) groups are joined back to their group's split.
-fresh AS (
-    SELECT a.sku_folder, a.group_key, count(*) AS n, md5(a.sku_folder || '/' || a.group_key) AS h,
-           NULL::text AS sha256, NULL::text AS object_key, NULL::integer AS width, NULL::integer AS height,
-           NULL::bigint AS n_bytes, NULL::bigint AS phash
-    FROM accepted a WHERE a.group_split IS NULL AND NOT a.alone
-    GROUP BY a.sku_folder, a.group_key
-    UNION ALL
-    SELECT a.sku_folder, a.group_key, 1, a.sha256, a.sha256, a.object_key, a.width, a.height, a.n_bytes, a.phash
-    FROM accepted a WHERE a.alone
-),
-ranked AS (
-    SELECT f.*,
-           ('x' || substr(f.h, 1, 8))::bit(32)::bigint / 4294967296.0 AS u,
-           row_number() OVER (PARTITION BY f.sku_folder ORDER BY f.n, f.h) AS r,
-           count(*) OVER (PARTITION BY f.sku_folder) AS n_new
-    FROM fresh f
-),
-decided AS (
-    SELECT r.*,
+# The split is decided per new group, once. Most images are alone in their group: those rows
+# are decided one per row, as before groups existed (``u`` from the last 8 hex digits of the
+# content hash, hold-out fill in hash order), without any aggregate or join; the few rows with
+# an explicit group key (a cluster, a manifest group, a registered group) are grouped and joined
+# back. Per SKU, the new groups are ranked singletons first (by content hash), then larger
+# groups (smallest first, then by md5(sku/group)); the first one or two fill test and val while
+# the SKU has none. An image joining a registered group takes its split (``group_split``, found
+# before the COPY). ``skus`` holds each SKU's counts *before* this batch; the same statement adds
+# this batch's to them, from the inserted rows themselves (no second scan of images).
+_SPLIT_CASE = """
            CASE
-             WHEN k.n_groups + r.n_new < %(min_holdout)s THEN 'train'
-             WHEN k.n_test = 0 AND r.r = 1 THEN 'test'
-             WHEN k.n_val = 0 AND r.r = CASE WHEN k.n_test = 0 THEN 2 ELSE 1 END THEN 'val'
-             WHEN r.u < %(train)s THEN 'train'
-             WHEN r.u < %(train)s + %(val)s THEN 'val'
+             WHEN k.n_groups + {n_new} < %(min_holdout)s THEN 'train'
+             WHEN k.n_test = 0 AND {r} = 1 THEN 'test'
+             WHEN k.n_val = 0 AND {r} = CASE WHEN k.n_test = 0 THEN 2 ELSE 1 END THEN 'val'
+             WHEN {u} < %(train)s THEN 'train'
+             WHEN {u} < %(train)s + %(val)s THEN 'val'
              ELSE 'test'
-           END AS split
-    FROM ranked r JOIN skus k ON k.sku_id = r.sku_folder
+           END"""
+_INSERT_ORIGINALS = """
+WITH grouped AS (   -- new groups of more than an image alone (few)
+    SELECT s.sku_folder, s.group_key, count(*) AS n, md5(s.sku_folder || '/' || s.group_key) AS h
+    """ + _ACCEPTED + """ AND s.group_key IS NOT NULL AND s.group_split IS NULL
+    GROUP BY s.sku_folder, s.group_key
+),
+n_alone AS (
+    SELECT s.sku_folder, count(*) AS n """ + _ACCEPTED + """ AND s.group_key IS NULL GROUP BY s.sku_folder
+),
+n_grouped AS (
+    SELECT sku_folder, count(*) AS n FROM grouped GROUP BY sku_folder
+),
+grouped_decided AS (
+    SELECT g.sku_folder, g.group_key,""" + _SPLIT_CASE.format(
+        n_new="coalesce(a.n, 0) + c.n", r="coalesce(a.n, 0) + g.r",
+        u="('x' || substr(g.h, 1, 8))::bit(32)::bigint / 4294967296.0") + """ AS split
+    FROM (SELECT *, row_number() OVER (PARTITION BY sku_folder ORDER BY n, h) AS r FROM grouped) g
+    JOIN n_grouped c ON c.sku_folder = g.sku_folder
+    LEFT JOIN n_alone a ON a.sku_folder = g.sku_folder
+    JOIN skus k ON k.sku_id = g.sku_folder
+),
+alone AS (
+    SELECT s.sha256, s.sku_folder, s.object_key, s.width, s.height, s.n_bytes, s.phash,
+           CASE WHEN s.phash IS NOT NULL AND %(clustered)s THEN %(phash_prefix)s ELSE %(image_prefix)s END
+             || s.sha256 AS group_key,
+           ('x' || substr(s.sha256, 57, 8))::bit(32)::bigint / 4294967296.0 AS u,
+           row_number() OVER (PARTITION BY s.sku_folder ORDER BY s.sha256) AS r,
+           count(*) OVER (PARTITION BY s.sku_folder) AS n_alone
+    """ + _ACCEPTED + """ AND s.group_key IS NULL
 ),
 new_rows AS (
-    SELECT d.sha256, d.sku_folder, d.object_key, d.split, d.width, d.height, d.n_bytes, d.phash, d.group_key
-    FROM decided d WHERE d.sha256 IS NOT NULL
+    SELECT a.sha256, a.sku_folder, a.object_key,""" + _SPLIT_CASE.format(
+        n_new="a.n_alone + coalesce(c.n, 0)", r="a.r", u="a.u") + """ AS split,
+           a.width, a.height, a.n_bytes, a.phash, a.group_key
+    FROM alone a JOIN skus k ON k.sku_id = a.sku_folder
+    LEFT JOIN n_grouped c ON c.sku_folder = a.sku_folder
     UNION ALL
-    SELECT a.sha256, a.sku_folder, a.object_key, coalesce(a.group_split, d.split), a.width, a.height, a.n_bytes,
-           a.phash, a.group_key
-    FROM accepted a
-    LEFT JOIN decided d ON d.sha256 IS NULL AND a.group_split IS NULL
-                       AND d.sku_folder = a.sku_folder AND d.group_key = a.group_key
-    WHERE NOT a.alone
+    SELECT s.sha256, s.sku_folder, s.object_key, coalesce(s.group_split, d.split),
+           s.width, s.height, s.n_bytes, s.phash, s.group_key
+    """ + _ACCEPTED.replace("FROM stage_images s", "FROM stage_images s LEFT JOIN grouped_decided d\n"
+                            "      ON s.group_split IS NULL AND d.sku_folder = s.sku_folder AND d.group_key = s.group_key"
+                            ) + """ AND s.group_key IS NOT NULL
 ),
 inserted AS (
     INSERT INTO images (sha256, sku_id, batch_id, fsx_path, split, width, height, n_bytes, phash, group_key)
-    SELECT sha256, sku_folder, %(batch_id)s, object_key, split, width, height, n_bytes, phash, group_key
+    SELECT sha256, sku_folder, %(batch_id)s, object_key, split, width, height, n_bytes,
+           ('x' || phash)::bit(64)::bigint, group_key
     FROM new_rows
     ORDER BY sha256  -- fills the primary-key index in order
     RETURNING sku_id, split
@@ -232,7 +237,8 @@ per_sku AS (
     FROM inserted GROUP BY sku_id
 ),
 new_groups AS (
-    SELECT sku_folder AS sku_id, count(*) AS n FROM fresh GROUP BY sku_folder
+    SELECT sku_folder AS sku_id, sum(n) AS n
+    FROM (SELECT sku_folder, n FROM n_alone UNION ALL SELECT sku_folder, n FROM n_grouped) x GROUP BY sku_folder
 ),
 counted AS (
     UPDATE skus k
