@@ -239,6 +239,9 @@ def worker_sigkilled_mid_augmentation(cfg, s3_client, tmp: Path, monkeypatch) ->
     assert json.loads((job_dir / "job.json").read_text())["TrainingJobStatus"] == "InProgress"
     print(f"worker killed with {written_at_kill}/{expected} variants written; job processes left: {orphans}")
 
+    # The orphan dies by itself at its next write to the dead worker's pipe: on a loaded machine
+    # that can happen before the retry starts; only a still-running orphan must be killed by it.
+    alive_at_retry = [pid for pid in _job_pids(job_dir)]
     with LogLines() as log:
         results = _augmentation_step(cfg, "run-1")  # the task's retry, on another worker
     assert results[1]["Training"]["TrainingJobName"] == job_dir.name  # the same job, run again
@@ -247,7 +250,8 @@ def worker_sigkilled_mid_augmentation(cfg, s3_client, tmp: Path, monkeypatch) ->
     for pid in orphans:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
     assert _job_pids(job_dir) == []
-    assert "was left running by a worker that died" in log.text, log.text[-4000:]
+    if alive_at_retry:
+        assert "was left running by a worker that died" in log.text, log.text[-4000:]
 
     with _db_conn() as conn:
         per_source = conn.execute(
