@@ -136,14 +136,14 @@ def metric_epochs(text: str) -> list[dict[str, float]]:
 def _predict(model_dir: Path, images: Path, rows) -> list[tuple[int, int]]:
     """(true, predicted) for rows, with the artefact's own eval transform."""
     import torch
-    from PIL import Image
 
-    from sku_jobs.data import eval_transform
+    from sku_jobs.data import decode_image, eval_resize, eval_transform
     from sku_jobs.model import load_model_artifact
 
     model, meta = load_model_artifact(model_dir / "model.pt")
     tf = eval_transform(meta["image_size"])
-    x = torch.stack([tf(Image.open(images / rel).convert("RGB")) for rel, _ in rows])
+    # Decoded as the job decodes (upright, JPEG draft scale), so the numbers are comparable.
+    x = torch.stack([tf(decode_image(images / rel, eval_resize(meta["image_size"]))) for rel, _ in rows])
     with torch.no_grad():
         pred = model(x).argmax(1).tolist()
     return [(cls, p) for (_, cls), p in zip(rows, pred, strict=True)]

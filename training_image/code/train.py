@@ -44,7 +44,15 @@ from sku_jobs.data import (
     select_replay,
     train_transform,
 )
-from sku_jobs.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, teardown, world_from_env
+from sku_jobs.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    sync_buffers,
+    teardown,
+    world_from_env,
+)
 from sku_jobs.model import (
     ARCHS,
     DEFAULT_FREEZE,
@@ -779,6 +787,7 @@ def run_training(args: argparse.Namespace, env: JobEnv, inputs: Inputs, info: Di
         sampler.set_epoch(epoch)
         tr = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, info, epoch, args,
                              amp_dtype, bad_paths, progress)
+        sync_buffers(unwrapped, info)  # validate (and save) rank 0's model on every rank
         ev = evaluate(unwrapped, val_loader, info, amp_dtype, channels_last, bad_paths)
         record = {
             "epoch": epoch, "train_loss": tr["loss"], "val_loss": ev["loss"], "val_top1": ev["top1"],

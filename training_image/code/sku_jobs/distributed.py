@@ -121,6 +121,24 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return comm.to(values.device, values.dtype)
 
 
+def sync_buffers(module: torch.nn.Module, info: DistInfo, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm running statistics).
+
+    Each rank updates its own running statistics in its last training forward (DDP broadcasts
+    buffers only at the start of a forward), so without this the ranks validate slightly
+    different models and the all-reduced validation top-1 is not the saved model's.
+    """
+    if not info.distributed:
+        return
+    for buffer in module.buffers():
+        if not buffer.is_floating_point():
+            continue  # num_batches_tracked: not used in eval mode
+        comm = buffer.data if info.backend == "gloo" else buffer.data.to(info.device)
+        dist.broadcast(comm, src)
+        if comm is not buffer.data:
+            buffer.data.copy_(comm)
+
+
 def broadcast_object(obj: object, info: DistInfo, src: int = 0) -> object:
     """Send a picklable object from ``src`` to every rank."""
     if not info.distributed:
