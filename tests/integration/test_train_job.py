@@ -342,7 +342,7 @@ def test_warm_start_widens_head_and_keeps_old_classes(tmp_path, image_root):
     second = tmp_path / "month2"
     write_manifests(second / "manifests", images, rows, 6)
     proc = run(
-        torchrun_cmd(*TRAIN_ARGS, "--epochs", "3", "--replay-fraction", "0.5"),
+        torchrun_cmd(*TRAIN_ARGS, "--epochs", "3", "--replay-fraction", "1.0"),
         job_env(second, second / "manifests", images, model=first / "model"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
