@@ -70,8 +70,42 @@ def _s3(env: dict[str, str]):
     )
 
 
+class NotTheLocalStackError(RuntimeError):
+    """The reset was pointed at something that is not the local stack's (e.g. RDS)."""
+
+
+def _is_loopback(host: str | None) -> bool:
+    import ipaddress
+    import socket
+
+    if not host:
+        return False
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
+def refuse_unless_local_stack(env: dict[str, str]) -> None:
+    """The reset drops the catalogue's schema: only ever on the local stack's own servers,
+    which listen on loopback only. An RDS endpoint or any other host is refused, naming it."""
+    from urllib.parse import urlsplit
+
+    host = json.loads(env["AIRFLOW_CONN_SKU_CATALOGUE"]).get("host")
+    endpoint = env.get("SKU_RETRAINING_S3_ENDPOINT_URL", "")
+    for what, value in (("catalogue", host), ("S3 endpoint", urlsplit(endpoint).hostname)):
+        if not _is_loopback(value):
+            raise NotTheLocalStackError(
+                f"refusing to reset: the {what} host {value!r} is not the local stack's (loopback only)")
+
+
 def reset_stack(env: dict[str, str]) -> None:
-    """Empty catalogue, bucket, FSx folder and local jobs, so every run tells the same story."""
+    """Empty catalogue, bucket, FSx folder and local jobs, so every run tells the same story.
+
+    :raises NotTheLocalStackError: the catalogue or S3 endpoint is not on loopback.
+    """
+    refuse_unless_local_stack(env)
     with catalogue_connect(env) as conn:
         conn.execute("DROP SCHEMA public CASCADE")
         conn.execute("CREATE SCHEMA public")
