@@ -264,8 +264,9 @@ def compute_of(run: dict, arch: str, size: int, num_classes: int, teacher_classe
 # --------------------------------------------------------------------------- hand-trained reference
 
 
-def hand_reference(images: Path, rows, holdout_rows, num_classes: int, args, seed: int = 0) -> dict:
-    """A plain torchvision training loop, per-image random 80/10/10 split, same arch/size/epochs/batch/LR."""
+def hand_reference(images: Path, rows, holdout_rows, num_classes: int, args, seed: int = 0, splits=None) -> dict:
+    """A plain torchvision training loop, per-image random 80/10/10 split (or ``splits``: (train,
+    val, test) rows), same arch/size/epochs/batch/LR."""
     import torch
     import torchvision
     from PIL import Image
@@ -277,7 +278,8 @@ def hand_reference(images: Path, rows, holdout_rows, num_classes: int, args, see
     rows = sorted(rows)
     rng.shuffle(rows)
     n = len(rows)
-    train_rows, val_rows, test_rows = rows[: int(0.8 * n)], rows[int(0.8 * n): int(0.9 * n)], rows[int(0.9 * n):]
+    train_rows, val_rows, test_rows = splits or (rows[: int(0.8 * n)], rows[int(0.8 * n): int(0.9 * n)],
+                                                 rows[int(0.9 * n):])
     norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     train_tf = T.Compose([T.RandomResizedCrop(args.image_size, scale=(0.25, 1.0)), T.RandomHorizontalFlip(),
                           T.ToTensor(), norm])
