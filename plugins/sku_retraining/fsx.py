@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,7 +45,8 @@ def import_objects_to_local_fsx(s3_hook, bucket: str, keys: list[str], root: Pat
         if target.exists() and target.stat().st_size == head["ContentLength"]:
             return 0
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        # Unique per writer (two runs may import the same batch at once, in threads or processes).
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         client.download_file(bucket, key, str(tmp))
         os.replace(tmp, target)
         return 1

@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,10 +255,16 @@ def export_manifests(*, run_id: str, batch_ids: list[str], cfg: PipelineConfig |
         if cfg.job_backend == "local":
             target = fsx.safe_local_path(cfg.fsx.local_path(), relative)
             if not target.exists():
-                staging = target.with_name(target.name + ".tmp")
-                shutil.rmtree(staging, ignore_errors=True)
+                # Content-addressed: a concurrent run exporting the same snapshot writes the same
+                # bytes, so whichever rename lands first wins and the other's copy is dropped.
+                staging = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.tmp")
                 shutil.copytree(tmp, staging)
-                staging.replace(target)
+                try:
+                    staging.replace(target)
+                except OSError:
+                    if not target.is_dir():
+                        raise
+                    shutil.rmtree(staging, ignore_errors=True)
     snapshot = {
         "snapshot_id": exported.snapshot_id,
         "s3_uri": f"s3://{cfg.data_bucket}/{relative}",
