@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(held)} held out (whole scenes)")
 
     scratch = work / "pg"
-    server = PostgresServer(reachable_data_dir(scratch / "pgdata", key=str(scratch)), fsync=False)
+    data_dir = reachable_data_dir(scratch / "pgdata", key=str(scratch))
+    server = PostgresServer(data_dir, fsync=False)
     server.start()
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
                      "args": {k: str(v) for k, v in vars(args).items()}}
@@ -406,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"month 2 registered: {r2.n_images} images, {r2.n_groups} groups, splits {counts2}")
     finally:
         server.stop()
+        if data_dir.parent != scratch:  # a /var/tmp fallback folder of its own
+            shutil.rmtree(data_dir.parent, ignore_errors=True)
 
     classes = json.loads((m2 / "classes.json").read_text())["classes"]
     index = {c: i for i, c in enumerate(classes)}

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         from sku_dev.local_stack import PostgresServer, reachable_data_dir
 
         scratch = Path(tempfile.mkdtemp(prefix="bench-pg-"))
-        server = PostgresServer(reachable_data_dir(scratch / "pgdata", key=str(scratch)))
+        data_dir = reachable_data_dir(scratch / "pgdata", key=str(scratch))
+        server = PostgresServer(data_dir)
         server.start()
         dsn = server.dsn
     split = SplitConfig()
@@ -142,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
+            # A 4.2M-row catalogue is ~4 GB: never leave it behind.
+            import shutil
+
+            shutil.rmtree(data_dir.parent if data_dir.parent != scratch else scratch, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
 
     rate = total / elapsed
     print(f"catalogue: {args.skus:,} SKUs x {args.images} images = {total:,} rows in {args.batches} batch(es)")
