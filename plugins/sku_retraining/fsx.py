@@ -18,6 +18,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from botocore.exceptions import ClientError
+
 log = logging.getLogger(__name__)
 
 
@@ -135,7 +137,7 @@ def _create_import_task(fsx_client, file_system_id, paths, busy_timeout, backoff
                 Report={"Enabled": False},
             )
             return response["DataRepositoryTask"]["TaskId"]
-        except Exception as exc:  # noqa: BLE001 - only the "busy" answer is retried
+        except ClientError as exc:  # only the "busy" answer is retried
             if _error_code(exc) != TASK_EXECUTING:
                 raise
             if clock() + delay > deadline:
@@ -168,7 +170,7 @@ def _cancel(fsx_client, task_id: str) -> None:
     try:
         response = fsx_client.cancel_data_repository_task(TaskId=task_id)
         log.warning("FSx import task %s timed out: cancel requested (%s)", task_id, response.get("Lifecycle"))
-    except Exception as exc:  # noqa: BLE001 - a task that ended meanwhile needs no cancelling
+    except ClientError as exc:  # a task that ended meanwhile needs no cancelling
         if _error_code(exc) != TASK_ENDED:
             raise
         log.info("FSx import task %s ended before it could be cancelled", task_id)
