@@ -199,3 +199,27 @@ def fsx_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root.mkdir()
     monkeypatch.setenv("SKU_RETRAINING_FSX_ROOT", str(root))
     return root
+
+
+@pytest.fixture
+def airflow_env(
+    tmp_path: Path, catalogue_conn_env: str, s3_endpoint: str, fsx_root: Path
+) -> dict[str, str]:
+    """Environment for ``airflow`` CLI subprocesses (``airflow dags test``) on this test's
+    stack: a fresh, migrated Airflow home, the project's dags and plugins, the local backend."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env.update(
+        AIRFLOW_HOME=str(tmp_path / "airflow-home"),
+        AIRFLOW__CORE__DAGS_FOLDER=str(root / "dags"),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(root / "plugins"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        PYTHONPATH=os.pathsep.join([str(root / "plugins"), str(root / "devtools")]),
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        SKU_RETRAINING_JOB_BACKEND="local",
+    )
+    subprocess.run(["airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+    return env

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -118,21 +119,22 @@ def reset_stack(env: dict[str, str]) -> None:
     fsx_root.mkdir(parents=True)
 
 
-def _latest_run_task_seconds() -> dict[str, float]:
-    """Per-task durations of the DAG's newest run (the one just tested), from the metadata DB
-    of this process's Airflow home."""
+def latest_run_task_seconds(env: dict[str, str]) -> dict[str, float]:
+    """Per-task durations of the DAG's newest run (the one just tested), from the metadata DB of
+    ``env``'s Airflow home (read in a child process, so this process never loads Airflow's
+    settings for another home)."""
+    code = ("import json\nfrom airflow.models import DagRun, TaskInstance\n"
+            "from airflow.utils.session import create_session\n"
+            "with create_session() as s:\n"
+            f"    r = s.query(DagRun).filter(DagRun.dag_id == {DAG_ID!r}).order_by(DagRun.id.desc()).first()\n"
+            f"    tis = s.query(TaskInstance).filter(TaskInstance.dag_id == {DAG_ID!r},"
+            " TaskInstance.run_id == r.run_id) if r else []\n"
+            "    print(json.dumps({t.task_id: round(t.duration, 1) for t in tis if t.duration is not None}))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     try:
-        from airflow.models import DagRun, TaskInstance
-        from airflow.utils.session import create_session
-    except ImportError:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
         return {}
-    with create_session() as session:
-        run = (session.query(DagRun).filter(DagRun.dag_id == DAG_ID)
-               .order_by(DagRun.id.desc()).first())
-        if run is None:
-            return {}
-        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == run.run_id)
-        return {ti.task_id: round(ti.duration or 0.0, 1) for ti in tis if ti.duration is not None}
 
 
 def run_dag(logical_date: str, conf: dict, env: dict[str, str], log_file: Path | None = None) -> MonthResult:
@@ -172,8 +174,7 @@ def run_story(
 ) -> list[MonthResult]:
     """Upload and run both months; stops at the first failed DAG run.
 
-    :param task_seconds: read per-task durations back from Airflow's metadata DB (only when
-        this process and ``env`` share one Airflow home, as in ``./dev run``).
+    :param task_seconds: read per-task durations back from ``env``'s Airflow metadata DB.
     """
     conf = {"variants_per_image": size.variants_per_image, "epochs": size.epochs, **size.gates}
     results = []
@@ -181,7 +182,7 @@ def run_story(
         upload_month(env, month, size)
         result = run_dag(logical_date, conf, env, log_file)
         if task_seconds:
-            result.task_seconds = _latest_run_task_seconds()
+            result.task_seconds = latest_run_task_seconds(env)
         results.append(result)
         if result.returncode != 0:
             break

@@ -16,7 +16,6 @@ tests/reliability/test_soak.py runs the short form. Timings: docs/reliability.md
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sku_dev import invariants
-from sku_dev.local_story import DAG_ID, _s3, catalogue_connect, reset_stack, run_dag
+from sku_dev.local_story import _s3, catalogue_connect, latest_run_task_seconds, reset_stack, run_dag
 from sku_dev.synthetic import generate_batch, make_skus, upload_batch
 
 BAD_INPUTS = ("corrupt_jpeg", "truncated_jpeg", "zero_byte", "non_image", "tiny_image", "exif_rotated",
@@ -105,24 +104,6 @@ def _month_numbers(env: dict[str, str]) -> tuple[dict, str, tuple]:
     return splits, decision, (challenger.get("top1"), challenger.get("new_sku_top1"), challenger.get("old_sku_top1"))
 
 
-def _task_seconds(env: dict[str, str]) -> dict[str, float]:
-    """Per-task durations of the newest run, from the Airflow home's metadata DB (a child
-    process, so the soak's own process never loads Airflow's settings)."""
-    import subprocess
-
-    code = ("import json\nfrom airflow.models import DagRun, TaskInstance\n"
-            "from airflow.utils.session import create_session\n"
-            "with create_session() as s:\n"
-            f"    r = s.query(DagRun).filter(DagRun.dag_id == {DAG_ID!r}).order_by(DagRun.id.desc()).first()\n"
-            "    tis = s.query(TaskInstance).filter(TaskInstance.run_id == r.run_id) if r else []\n"
-            "    print(json.dumps({t.task_id: round(t.duration or 0, 1) for t in tis}))\n")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
-    try:
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        return {}
-
-
 def run_soak(env: dict[str, str], size: SoakSize, *, log_file: Path | None = None, reset: bool = True,
              echo=print) -> list[MonthReport]:
     """Run ``size.months`` months; stops at the first failed run or broken invariant."""
@@ -154,7 +135,7 @@ def run_soak(env: dict[str, str], size: SoakSize, *, log_file: Path | None = Non
         else:
             result = run_dag(logical_date(month), conf, env, log_file)
         report = MonthReport(month, time.monotonic() - started, result.returncode)
-        report.task_seconds = _task_seconds(env)
+        report.task_seconds = latest_run_task_seconds(env)
         with catalogue_connect(env) as conn:
             checked = invariants.check_all(conn, s3, bucket=bucket, jobs_dir=jobs_dir, previous=previous)
         previous = checked.state

@@ -10,10 +10,6 @@ as v0002.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import boto3
 import psycopg
@@ -23,28 +19,10 @@ from sku_dev.local_story import MONTHS, StorySize, run_dag, upload_month
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "sku-retraining-data"
 POINTER_KEY = "models/sku-recognition/production.json"
 SIZE = StorySize(skus_month_1=6, skus_month_2=3, images_per_sku=14, image_size=96, variants_per_image=1, epochs=4)
 LOOSE_GATES = {"min_top1": 0.0, "min_new_sku_top1": 0.0, "max_old_sku_regression": 1.0}
-
-
-@pytest.fixture
-def airflow_env(tmp_path, catalogue_conn_env, s3_endpoint, fsx_root) -> dict[str, str]:
-    """Environment for ``airflow`` subprocesses: a fresh, migrated Airflow home + the stack."""
-    env = dict(os.environ)
-    env.update(
-        AIRFLOW_HOME=str(tmp_path / "airflow-home"),
-        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
-        AIRFLOW__CORE__PLUGINS_FOLDER=str(ROOT / "plugins"),
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        PYTHONPATH=str(ROOT / "plugins"),
-        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-        SKU_RETRAINING_JOB_BACKEND="local",
-    )
-    subprocess.run(["airflow", "db", "migrate"], env=env, check=True, capture_output=True)
-    return env
 
 
 def pointer(s3) -> bytes | None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import boto3
 import psycopg
 import pytest
+from sns_inbox import SnsInbox
 
 from sku_retraining.catalogue.migrations import apply_migrations
 from sku_retraining.config import ConfigError, NotificationsConfig, load_config
@@ -25,34 +25,10 @@ REASONS = ["overall top-1 0.5000 does not meet >= 0.8000"]
 GATES = [{"gate": "overall top-1", "value": 0.5, "threshold": ">= 0.8000", "passed": False, "note": ""}]
 
 
-class Inbox:
-    """An SQS queue subscribed to an SNS topic, both in moto."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.sns = boto3.client("sns", endpoint_url=endpoint, region_name="us-east-1")
-        self.sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1")
-        self.topic_arn = self.sns.create_topic(Name="sku-retraining")["TopicArn"]
-        self.queue_url = self.sqs.create_queue(QueueName="inbox")["QueueUrl"]
-        queue_arn = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])
-        self.sns.subscribe(TopicArn=self.topic_arn, Protocol="sqs", Endpoint=queue_arn["Attributes"]["QueueArn"])
-
-    def messages(self, wait: int = 1) -> list[dict]:
-        """Every SNS envelope delivered so far (Subject, Message, MessageAttributes)."""
-        found = []
-        while True:
-            got = self.sqs.receive_message(QueueUrl=self.queue_url, WaitTimeSeconds=wait, MaxNumberOfMessages=10)
-            if not got.get("Messages"):
-                return found
-            for message in got["Messages"]:
-                found.append(json.loads(message["Body"]))
-                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
-            wait = 0
-
-
 @pytest.fixture
-def inbox(s3_endpoint, monkeypatch) -> Inbox:
+def inbox(s3_endpoint, monkeypatch) -> SnsInbox:
     """moto SNS topic + SQS inbox; the configuration names the topic through the Airflow Variable."""
-    box = Inbox(s3_endpoint)
+    box = SnsInbox(s3_endpoint)
     monkeypatch.setenv("AIRFLOW_VAR_SKU_RETRAINING_CONFIG",
                        json.dumps({"notifications": {"sns_topic_arn": box.topic_arn}}))
     return box

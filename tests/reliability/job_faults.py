@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import boto3
 import psutil
 import pytest
+from sns_inbox import SnsInbox
 
 from sku_dev.local_stack import CATALOGUE_CONN_ID
 from sku_dev.synthetic import generate_batch, make_skus, upload_batch
@@ -73,29 +73,6 @@ class LogLines(logging.Handler):
         return "\n".join([*self.lines, *rendered])
 
 
-class Inbox:
-    """An SQS queue subscribed to an SNS topic in the moto server (as tests/integration/test_notifications.py)."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.sns = boto3.client("sns", endpoint_url=endpoint, region_name="us-east-1")
-        self.sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1")
-        self.topic_arn = self.sns.create_topic(Name="sku-retraining")["TopicArn"]
-        self.queue_url = self.sqs.create_queue(QueueName="inbox")["QueueUrl"]
-        arn = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])["Attributes"]
-        self.sns.subscribe(TopicArn=self.topic_arn, Protocol="sqs", Endpoint=arn["QueueArn"])
-
-    def messages(self, wait: int = 1) -> list[dict]:
-        found = []
-        while True:
-            got = self.sqs.receive_message(QueueUrl=self.queue_url, WaitTimeSeconds=wait, MaxNumberOfMessages=10)
-            if not got.get("Messages"):
-                return found
-            for message in got["Messages"]:
-                found.append(json.loads(message["Body"]))
-                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
-            wait = 0
-
-
 def dag_task(task_id: str):
     """The task as the DAG file defines it (its callbacks are what Airflow runs)."""
     try:
@@ -129,7 +106,7 @@ def failed_training_job(cfg, s3_client, tmp: Path, monkeypatch) -> list:
     from sku_retraining.jobs.local import LocalJobError
     from sku_retraining.operators.training import SkuTrainingOperator
 
-    inbox = Inbox(os.environ["SKU_RETRAINING_S3_ENDPOINT_URL"])
+    inbox = SnsInbox(os.environ["SKU_RETRAINING_S3_ENDPOINT_URL"])
     monkeypatch.setenv("AIRFLOW_VAR_SKU_RETRAINING_CONFIG",
                        json.dumps({"notifications": {"sns_topic_arn": inbox.topic_arn}}))
     snapshot = intake.export_manifests(run_id="baseline", batch_ids=["m0"], cfg=cfg)  # m0's, unchanged

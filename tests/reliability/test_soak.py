@@ -11,9 +11,9 @@ from sku_dev.soak import SoakSize, run_soak
 pytestmark = pytest.mark.slow
 
 
-def test_soak_short_form(soak_env, tmp_path):
+def test_soak_short_form(airflow_env, tmp_path):
     size = SoakSize.short()
-    reports = run_soak(soak_env, size, log_file=tmp_path / "soak.log", reset=False)
+    reports = run_soak(airflow_env, size, log_file=tmp_path / "soak.log", reset=False)
     assert len(reports) == size.months, (tmp_path / "soak.log").read_text()[-4000:]
     for report in reports:
         assert report.returncode == 0, (tmp_path / "soak.log").read_text()[-4000:]
