@@ -194,7 +194,15 @@ def train(name: str, work: Path, manifests: Path, images: Path, hps: dict, threa
           model: Path | None = None) -> dict:
     channels = {"manifests": manifests, "images": images} | ({"model": model} if model else {})
     log(f"train {name}: {json.dumps(hps, sort_keys=True)}")
-    out, wall = run_job(TRAIN_PY, work / name, channels, hps, threads)
+    done = work / name / "bench-run.json"  # --work kept: a finished run with the same inputs is reused
+    code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(TRAIN_PY.parent.rglob("*.py")))).hexdigest()
+    key = {"hps": hps, "channels": {k: str(v) for k, v in channels.items()}, "code": code}
+    if done.is_file() and json.loads(done.read_text()).get("key") == key:
+        out, wall = (work / name / "stdout.log").read_text(), json.loads(done.read_text())["wall"]
+        log("  reused from the work folder")
+    else:
+        out, wall = run_job(TRAIN_PY, work / name, channels, hps, threads)
+        done.write_text(json.dumps({"key": key, "wall": wall}))
     metrics = json.loads((work / name / "model" / "metrics.json").read_text())
     policy = next((ln.split("Freeze policy: ", 1)[1] for ln in out.splitlines() if "Freeze policy: " in ln), "?")
     log(f"  done in {wall:.0f} s; {policy}; best val top-1 {metrics['best']['val_top1']:.3f}")
@@ -234,20 +242,20 @@ def scores(model_dir: Path, images: Path, rows, n_old: int, threads: int) -> dic
 
 
 def train_flops_per_image(arch: str, num_classes: int, size: int, frozen: tuple[str, ...],
-                          teacher_classes: int | None) -> float:
+                          teacher_classes: int | None, head_hidden: int = 0) -> float:
     """FLOPs of one training step per image (forward + backward of what trains), + teacher forward."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from sku_jobs.model import build_model
 
-    model = build_model(arch, num_classes, 576, 0.2, frozen).train()
+    model = build_model(arch, num_classes, head_hidden, 0.0, frozen).train()
     x = torch.randn(2, 3, size, size)
     with FlopCounterMode(display=False) as counter:
         model(x).sum().backward()
     flops = counter.get_total_flops() / 2
     if teacher_classes:
-        teacher = build_model(arch, teacher_classes, 576, 0.2).eval()
+        teacher = build_model(arch, teacher_classes, head_hidden).eval()
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             teacher(x)
         flops += counter.get_total_flops() / 2
@@ -257,7 +265,8 @@ def train_flops_per_image(arch: str, num_classes: int, size: int, frozen: tuple[
 def compute_of(run: dict, arch: str, size: int, num_classes: int, teacher_classes: int | None) -> float:
     c = run["metrics"]["compute"]
     per = train_flops_per_image(arch, num_classes, size, tuple(c["frozen"]),
-                                teacher_classes if c.get("distill_weight") else None)
+                                teacher_classes if c.get("distill_weight") else None,
+                                int(run["metrics"].get("head_hidden") or 0))
     return per * c["train_images"]
 
 
@@ -337,38 +346,18 @@ def hand_reference(images: Path, rows, holdout_rows, num_classes: int, args, see
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of a full (re)train")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.2, help="per 256 images, as the DAG's learning_rate")
-    parser.add_argument("--holdout", type=float, default=0.2, help="share of each SKU's photos held out")
-    parser.add_argument("--budget", type=float, default=0.25, help="warm start: compute budget vs a full retrain")
-    parser.add_argument("--recipes", default="all", help="comma-separated recipe numbers (1-based) or 'all'")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-frozen", action="store_true", help="skip the frozen month-1 run")
-    parser.add_argument("--skip-hand", action="store_true", help="skip the hand-trained reference")
-    parser.add_argument("--smoke", action="store_true", help="a few SKUs only (does it run)")
-    parser.add_argument("--work", type=Path, help="keep the work folder here")
-    parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args(argv)
+def prepare(args, work: Path):
+    """Steps 1-2: hold out whole scenes, register both months on a private PostgreSQL, export.
 
+    Returns (month-1 manifests, month-2 manifests, the images root, held-out rows, class names,
+    the month-1 class count, month-2 test rows, split counts of month 1 and 2).
+    """
     import psycopg
 
     from sku_dev.local_stack import PostgresServer, reachable_data_dir
     from sku_retraining.catalogue.migrations import apply_migrations
 
-    t_start = time.perf_counter()
-    load_start = os.getloadavg()[0]
-    work = args.work or Path(tempfile.mkdtemp(prefix="quality-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
     fsx = work / "fsx"
-    base_hps = {"arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "lr": args.lr,
-                "workers": 1, "amp": "off", "print_freq": 0, "seed": 0, "keep_checkpoints": 1}
-
     # 1. scenes and hold-out
     plans = {}
     for batch in BATCHES:
@@ -390,8 +379,6 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = reachable_data_dir(scratch / "pgdata", key=str(scratch))
     server = PostgresServer(data_dir, fsync=False)
     server.start()
-    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-                     "args": {k: str(v) for k, v in vars(args).items()}}
     try:
         with psycopg.connect(server.dsn, autocommit=True) as conn:
             apply_migrations(conn)
@@ -416,6 +403,38 @@ def main(argv: list[str] | None = None) -> int:
     holdout_rows = [(f"incoming/{b}/images/{rel}", index[sku], sku, "") for b in BATCHES
                     for rel, sku in sorted(plans[b][1].items()) if sku in index]
     test2 = read_rows(m2 / "test.csv")
+    return m1, m2, fsx, holdout_rows, classes, n_old, test2, counts1, counts2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of a full (re)train")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.2, help="per 256 images, as the DAG's learning_rate")
+    parser.add_argument("--holdout", type=float, default=0.2, help="share of each SKU's photos held out")
+    parser.add_argument("--budget", type=float, default=0.25, help="warm start: compute budget vs a full retrain")
+    parser.add_argument("--recipes", default="all", help="comma-separated recipe numbers (1-based) or 'all'")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-frozen", action="store_true", help="skip the frozen month-1 run")
+    parser.add_argument("--skip-hand", action="store_true", help="skip the hand-trained reference")
+    parser.add_argument("--smoke", action="store_true", help="a few SKUs only (does it run)")
+    parser.add_argument("--work", type=Path, help="keep the work folder here")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    work = args.work or Path(tempfile.mkdtemp(prefix="quality-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                     "args": {k: str(v) for k, v in vars(args).items()}}
+    base_hps = {"arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "lr": args.lr,
+                "workers": 1, "amp": "off", "print_freq": 0, "seed": 0, "keep_checkpoints": 1}
+
+    m1, m2, fsx, holdout_rows, classes, n_old, test2, counts1, counts2 = prepare(args, work)
     E = args.epochs
     runs: dict[str, dict] = {}
 
@@ -441,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                                balanced=hps.get("replay_balanced", False))
         frozen, _ = resolve_freeze(hps.get("freeze", "auto"), "warm_start")
         per = train_flops_per_image(args.arch, len(classes), args.image_size, frozen,
-                                    n_old if hps.get("distill_weight") else None)
+                                    n_old if hps.get("distill_weight") else None,
+                                    int(runs["m1"]["metrics"].get("head_hidden") or 0))
         epochs = max(1, int(args.budget * full_flops / (per * len(picked))))
         runs[name] = train(name.replace(":", "").replace(" ", "_").replace(",", ""), work, m2, fsx,
                            hps | {"epochs": epochs}, args.threads, model=runs["m1"]["dir"])

@@ -220,6 +220,40 @@ def test_options_from_hyperparameters_and_command_line(tmp_path):
         train.parse_args(["--replay-fraction", "1.5"], env)
 
 
+def test_head_shape_defaults_to_the_warm_start_models_else_one_classifier(tmp_path, image_root):
+    """Without ``head_hidden`` a fresh model gets one classifier and a warm start keeps the
+    champion's head (a production model with a bottleneck head still warm-starts); an explicit
+    ``head_hidden`` that differs from the champion's is refused with both named."""
+    import train
+
+    from sku_jobs.model import build_model, save_model_artifact
+    from sku_jobs.sm_env import JobEnv
+
+    images, rows = image_root
+    write_manifests(tmp_path / "manifests", images, rows, 4)
+    champion = tmp_path / "champion"
+    save_model_artifact(build_model("resnet18", 4, head_hidden=24), champion / "model.pt", image_size=64,
+                        classes=[c[0] for c in CLASS_SPECS[:4]])
+
+    def inputs(argv, model=None):
+        env = JobEnv.from_environment(job_env(tmp_path / "job", tmp_path / "manifests", images, model=model))
+        i = TRAIN_ARGS.index("--head-hidden")
+        args = train.parse_args([*TRAIN_ARGS[:i], *TRAIN_ARGS[i + 2:], *argv], env)
+        return args, train.Inputs(args, env)
+
+    args, _ = inputs([])
+    assert args.head_hidden == 0
+    args, got = inputs([], model=champion)
+    assert args.head_hidden == 24 and got.warm_model == champion / "model.pt"
+    args, _ = inputs(["--warm-start", "false"], model=champion)
+    assert args.head_hidden == 0
+    with pytest.raises(ValueError, match="head-hidden must be >= 0"):
+        inputs(["--head-hidden", "-1"])
+    (champion / "model.pt").write_bytes(b"not a model")
+    with pytest.raises(train.InputError, match="warm-start model .* cannot be read"):
+        inputs([], model=champion)
+
+
 # --------------------------------------------------------------------------- slow
 
 

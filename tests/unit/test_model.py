@@ -59,6 +59,19 @@ def test_freezing_selects_trainable_params_and_keeps_frozen_bn_in_eval():
     assert torch.equal(before, model.backbone.layer1[0].bn1.running_mean)
 
 
+def test_default_head_is_one_classifier_on_the_pooled_features():
+    """torchvision's own shape (``fc``): the pipeline's model is the hand-trained reference's."""
+    model = build_model("resnet18", num_classes=5).eval()
+    assert [type(m).__name__ for m in model.head] == ["Dropout", "Linear"]
+    assert model.classifier.in_features == 512 and model.head[0].p == 0.0
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.embed(x), model.backbone(x))
+        assert torch.allclose(model(x), model.classifier(model.backbone(x)))
+    with pytest.raises(ValueError, match="head_hidden"):
+        build_model("resnet18", num_classes=5, head_hidden=-1)
+
+
 def test_random_init_model_freezes_nothing_by_default():
     model = build_model("resnet18", num_classes=3, head_hidden=8)
     assert model.frozen == () and count_parameters(model)[0] == count_parameters(model)[1]
@@ -95,9 +108,11 @@ def test_freeze_nothing_and_unknown_module():
         build_model("resnet18", num_classes=3, head_hidden=8, freeze="layer9")
 
 
-def test_widen_head_keeps_old_logits_and_imprints_new_rows():
+@pytest.mark.parametrize("head_hidden", [16, 0], ids=["bottleneck-head", "single-classifier"])
+def test_widen_head_keeps_old_logits_and_imprints_new_rows(head_hidden):
     torch.manual_seed(0)
-    model = build_model("resnet18", num_classes=4, head_hidden=16).eval()
+    model = build_model("resnet18", num_classes=4, head_hidden=head_hidden).eval()
+    width = head_hidden or 512  # the classifier reads the hidden layer, or resnet18's pooled features
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         before = model(x)
@@ -105,7 +120,8 @@ def test_widen_head_keeps_old_logits_and_imprints_new_rows():
     old_w = model.classifier.weight.detach().clone()
     new_ids = widen_head(model, 7, {4: emb, 5: emb * 2}, torch.Generator().manual_seed(0))
     assert new_ids == [4, 5, 6]
-    assert model.num_classes == 7 and model.classifier.weight.shape == (7, 16)
+    assert model.num_classes == 7 and model.classifier.weight.shape == (7, width)
+    assert model.classifier is model.head[-1]
     with torch.no_grad():
         after = model(x)
     assert torch.allclose(after[:, :4], before, atol=1e-6)
@@ -141,15 +157,17 @@ def test_widen_head_with_reference_is_neutral_at_the_reference():
     assert w[3] @ emb + b[3] > w[3] @ ref + b[3]
 
 
-def test_model_artifact_round_trip(tmp_path):
+@pytest.mark.parametrize("head_hidden", [8, 0])
+def test_model_artifact_round_trip(tmp_path, head_hidden):
     torch.manual_seed(1)
-    model = build_model("resnet18", num_classes=3, head_hidden=8).eval()
+    model = build_model("resnet18", num_classes=3, head_hidden=head_hidden, dropout=0.1).eval()
     classes = ["SKU-A", "SKU-B", "SKU-C"]
     path = save_model_artifact(model, tmp_path / "model.pt", image_size=64, classes=classes, extra={"best": {"epoch": 2}})
     assert not list(tmp_path.glob("*.tmp*"))
     loaded, meta = load_model_artifact(path)
     assert meta["arch"] == "resnet18" and meta["num_classes"] == 3 and meta["classes"] == classes
-    assert meta["image_size"] == 64 and meta["head_hidden"] == 8 and meta["best"] == {"epoch": 2}
+    assert meta["image_size"] == 64 and meta["head_hidden"] == head_hidden and meta["best"] == {"epoch": 2}
+    assert meta["dropout"] == 0.1 and len(loaded.head) == len(model.head)
     assert meta["torch_version"] == str(torch.__version__)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -144,11 +145,15 @@ def _options(env: JobEnv) -> list[tuple[str, object, object, str]]:
         ("weight-decay", float, 1e-4, "weight decay (not applied to biases and norm layers)"),
         ("label-smoothing", float, 0.1, "cross-entropy label smoothing"),
         ("warmup-epochs", float, 1.0, "linear LR warmup epochs, then cosine decay"),
+        ("color-jitter", float, 0.0,
+         "colour jitter strength of brightness/contrast/saturation (hue: a tenth of it); 0 = off"),
         ("workers", optional_int, None, "data-loader workers per process (default: CPUs per process - 1, max 12)"),
         ("amp", amp_mode, "auto", "auto (bf16 if supported else fp16 + GradScaler; off on CPU), bf16, fp16, off"),
         ("channels-last", str2bool, True, "channels_last memory format on GPU"),
-        ("head-hidden", int, 576, "hidden width of the FC head"),
-        ("dropout", float, 0.2, "dropout in the FC head"),
+        ("head-hidden", optional_int, None,
+         "hidden width of a bottleneck head (Linear-ReLU-Dropout-Linear); 0 = one Linear classifier on the "
+         "backbone's features; default: the warm-start model's, else 0"),
+        ("dropout", float, 0.0, "dropout before the classifier"),
         ("freeze", str, "auto",
          f"backbone modules to freeze: auto ({','.join(DEFAULT_FREEZE)} when ImageNet weights or a warm-start "
          "model are loaded, nothing at random init), none, or a comma-separated list (obeyed as given)"),
@@ -199,9 +204,15 @@ def parse_args(argv: list[str] | None, env: JobEnv) -> argparse.Namespace:
 
     if args.arch not in ARCHS:
         raise InputError(f"--arch {args.arch!r} not supported; use one of {', '.join(ARCHS)}")
-    for name in ("epochs", "batch_size", "head_hidden", "keep_checkpoints"):
+    for name in ("epochs", "batch_size", "keep_checkpoints"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.head_hidden is not None and args.head_hidden < 0:
+        raise InputError("--head-hidden must be >= 0 (0: a single classifier on the backbone's features)")
+    if not 0.0 <= args.dropout < 1.0:
+        raise InputError("--dropout must be within [0, 1)")
+    if not 0.0 <= args.color_jitter <= 1.0:
+        raise InputError("--color-jitter must be within [0, 1]")
     if args.image_size < 32:
         raise InputError("--image-size must be >= 32")
     if not 0.0 <= args.replay_fraction <= 1.0:
@@ -252,6 +263,14 @@ def _weights_file(args: argparse.Namespace, env: JobEnv) -> Path | None:
     return files[0]
 
 
+def _read_warm_model(path: Path) -> dict:
+    """The warm-start ``model.pt``; an unreadable one is an input error, not a crash."""
+    try:
+        return read_artifact(path)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise InputError(f"warm-start model {path} cannot be read: {exc}") from exc
+
+
 class Inputs:
     """Everything the job reads, checked before any process group exists (fast, clear failures)."""
 
@@ -275,6 +294,8 @@ class Inputs:
         self.backbone_init = (
             INIT_WARM_START if self.warm_model else INIT_IMAGENET if self.weights is not None else INIT_RANDOM
         )
+        if args.head_hidden is None:  # a warm start keeps the champion's head shape
+            args.head_hidden = int(_read_warm_model(self.warm_model)["head_hidden"]) if self.warm_model else 0
         digest = hashlib.sha256()
         for name in ("classes.json", "train.csv", "val.csv"):
             digest.update((manifests / name).read_bytes())
@@ -520,7 +541,7 @@ def class_mean_embeddings(
     dataset = ManifestDataset(images_root, subset, eval_transform(args.image_size), eval_resize(args.image_size))
     loader = make_loader(dataset, args.batch_size, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
                          workers=workers, pin_memory=info.device.type == "cuda")
-    hidden = model.head_hidden
+    hidden = model.classifier.in_features
     sums = torch.zeros(len(class_ids) + 1, hidden + 1, dtype=torch.float64)  # last column: count
     model.eval()
     for batch in loader:
@@ -605,7 +626,7 @@ def _warm_start(
 
     Returns (model, old class count, the model as loaded when distillation is on, else None).
     """
-    art = read_artifact(inputs.warm_model)
+    art = _read_warm_model(inputs.warm_model)
     old_n = int(art["num_classes"])
     if art["arch"] != args.arch or int(art["head_hidden"]) != args.head_hidden:
         raise InputError(
@@ -741,7 +762,7 @@ def run_training(args: argparse.Namespace, env: JobEnv, inputs: Inputs, info: Di
 
     size = args.image_size
     pin = use_cuda
-    train_set = ManifestDataset(inputs.images, train_samples, train_transform(size), eval_resize(size))
+    train_set = ManifestDataset(inputs.images, train_samples, train_transform(size, args.color_jitter), eval_resize(size))
     sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed)
     train_loader = make_loader(train_set, args.batch_size, sampler=sampler, workers=workers, pin_memory=pin,
                                drop_last=len(sampler) >= args.batch_size)

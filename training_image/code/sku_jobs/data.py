@@ -149,13 +149,19 @@ def select_replay(
     return [s for i, s in enumerate(samples) if i in keep]
 
 
-def train_transform(image_size: int) -> transforms.Compose:
-    """Random crop + flip + light colour jitter (shop lighting varies), ImageNet-normalised."""
+def train_transform(image_size: int, color_jitter: float = 0.0) -> transforms.Compose:
+    """Random crop + flip (+ colour jitter of brightness/contrast/saturation ``color_jitter``
+    and hue ``color_jitter / 10`` when > 0), ImageNet-normalised."""
+    jitter = (
+        [transforms.ColorJitter(color_jitter, color_jitter, color_jitter, min(0.5, color_jitter / 10))]
+        if color_jitter > 0
+        else []
+    )
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True),
             transforms.RandomHorizontalFlip(),
-            transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+            *jitter,
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]

@@ -33,14 +33,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SkuNet(nn.Module):
-    """ResNet backbone (``fc`` = Identity) → Linear → ReLU → Dropout → Linear(num_classes)."""
+    """ResNet backbone (``fc`` = Identity) → head.
 
-    def __init__(self, arch: str, num_classes: int, head_hidden: int = 576, dropout: float = 0.2) -> None:
+    The head is ``Dropout → Linear(num_classes)`` (``head_hidden=0``: torchvision's own single
+    classifier on the pooled features) or, with ``head_hidden > 0``, a bottleneck
+    ``Linear → ReLU → Dropout → Linear(num_classes)`` (fewer head parameters for a very large
+    catalogue: 2048→576→12,000 is 8M instead of 24.6M).
+    """
+
+    def __init__(self, arch: str, num_classes: int, head_hidden: int = 0, dropout: float = 0.0) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unsupported arch {arch!r}; expected one of {', '.join(ARCHS)}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if head_hidden < 0 or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"head_hidden must be >= 0 and dropout within [0, 1), got {head_hidden}, {dropout}")
         # weights=None always: nothing may download at run time; ImageNet weights come from a file.
         backbone = getattr(torchvision.models, arch)(weights=None)
         feat = backbone.fc.in_features
@@ -50,26 +58,30 @@ class SkuNet(nn.Module):
         self.head_hidden = head_hidden
         self.dropout = dropout
         self.backbone = backbone
-        self.head = nn.Sequential(
-            nn.Linear(feat, head_hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(head_hidden, num_classes),
-        )
+        if head_hidden:
+            self.head = nn.Sequential(
+                nn.Linear(feat, head_hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(dropout),
+                nn.Linear(head_hidden, num_classes),
+            )
+        else:
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feat, num_classes))
         self.frozen: tuple[str, ...] = ()
 
     @property
     def classifier(self) -> nn.Linear:
         """The last Linear (one row per class)."""
-        return self.head[3]
+        return self.head[-1]
 
     @property
     def num_classes(self) -> int:
         return self.classifier.out_features
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate embedding: the head-hidden activations the classifier reads."""
-        return self.head[2](self.head[1](self.head[0](self.backbone(x))))
+        """Penultimate embedding: what the classifier reads (the hidden activations, or the
+        backbone's pooled features when the head is a single classifier)."""
+        return self.head[:-1](self.backbone(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -85,8 +97,8 @@ class SkuNet(nn.Module):
 def build_model(
     arch: str = "resnet152",
     num_classes: int = 1000,
-    head_hidden: int = 576,
-    dropout: float = 0.2,
+    head_hidden: int = 0,
+    dropout: float = 0.0,
     freeze: Iterable[str] = (),
 ) -> SkuNet:
     """Build the classifier (random init) and freeze ``freeze`` backbone children (none by
@@ -337,7 +349,7 @@ def widen_head(
         b[cls] = mean_logit_at_ref - w[cls] @ ref
     new.weight.requires_grad_(old.weight.requires_grad)
     new.bias.requires_grad_(old.bias.requires_grad)
-    model.head[3] = new
+    model.head[-1] = new
     return new_ids
 
 
