@@ -4,8 +4,9 @@ Generates K photo-like 512x512 JPEGs, then measures in one run:
   (a) the floor: read + decode + re-encode (same quality) + write each image, PIL, 1 process;
   (b) the job at 1 process: output variants/s, as % of the floor (target >= 70%);
   (c) the job at 2 processes: speed-up over (b) (target >= 1.8x);
-  (d) the transform library: the job's PIL-only renderer vs torchvision.transforms.v2
-      functional ops on PIL images, same parameters, ms per variant and PSNR vs a reference.
+  (d) the transform library: the job's OpenCV renderer vs the previous PIL-only one and
+      torchvision.transforms.v2 functional ops on PIL images, same parameters, ms per variant
+      and PSNR vs a reference.
 
     .venv/bin/python bench/augment_bench.py [--images 200] [--variants 4] [--skip-torchvision]
 """
@@ -27,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageStat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training_image" / "code"))
@@ -156,7 +158,7 @@ def parallel_ceiling(n: int = 300) -> float:
     return 2 * solo / max(pair)
 
 
-def pil_breakdown(root: Path, rows: list[dict], variants: int, quality: int, max_side: int) -> dict:
+def stage_breakdown(root: Path, rows: list[dict], variants: int, quality: int, max_side: int) -> dict:
     """Where the job's time goes, ms per output variant (decode is shared by the N variants)."""
     A = aug()
     out = root / "breakdown"
@@ -172,15 +174,16 @@ def pil_breakdown(root: Path, rows: list[dict], variants: int, quality: int, max
         src.load()
         means = ImageStat.Stat(src.reduce(max(1, min(src.size) // 64))).mean
         fill = tuple(round(m) for m in means)
+        arr = np.asarray(src)  # once per source, as the job does
         t2 = clock()
         t["read+verify"] += t1 - t0
         t["decode"] += t2 - t1
         for k in range(1, variants + 1):
             p = A.draw_params(A.variant_rng(row["sha256"], k, 0))
             t0 = clock()
-            warped = A.warp(src, p, src.size, max_side, fill)
+            warped = A.warp(arr, p, src.size, max_side, fill)
             t1 = clock()
-            coloured = warped.convert("RGB", A.colour_matrix(p, means))
+            coloured = Image.fromarray(A.apply_colour(warped, p, means), "RGB")
             t2 = clock()
             jpeg = A.encode_jpeg(coloured, quality)
             t3 = clock()
@@ -254,11 +257,36 @@ def compare_libraries(root: Path, rows: list[dict], variants: int, quality: int,
         out = out.convert("RGB", A.colour_matrix(p, means))
         return out.filter(ImageFilter.GaussianBlur(p["blur_sigma"])) if p["blur_sigma"] else out
 
-    def pil_render(src, p, means, fill):
-        return A.render_variant(src, p, src.size, max_side, means, fill)
+    arrays: dict[int, np.ndarray] = {}
 
-    def pil_nearest(src, p, means, fill):  # not used by the job: what dropping bilinear would buy
-        return A.render_variant(src, p, src.size, max_side, means, fill, Image.Resampling.NEAREST)
+    def job_render(src, p, means, fill):  # the source's array is made once per source, as in the job
+        arr = arrays.get(id(src))
+        if arr is None:
+            arr = arrays[id(src)] = np.asarray(src)
+        return A.render_variant(arr, p, src.size, max_side, means, fill)
+
+    def pil_render(src: Image.Image, p: dict, means, fill) -> Image.Image:
+        """The job's previous renderer, Pillow only: one bilinear PIL ``transform`` (from an
+        antialiased ``resize`` of the quad's box when the source has > 1.15 pixels per output
+        pixel), the blur as "resample down by sqrt(3) sigma, warp back up", one colour matrix."""
+        w0, h0 = src.size
+        size = A.output_size(p, w0, h0, max_side)
+        quad = A.source_quad(p, w0, h0)
+        step = p["crop"][2] * w0 / size[0] * (math.sqrt(3) * p["blur_sigma"] if p["blur_sigma"] else 1.0)
+        img = src
+        if step >= 1.15:
+            xs, ys = [q[0] for q in quad], [q[1] for q in quad]
+            box = (max(0.0, math.floor(min(xs)) - 2.0), max(0.0, math.floor(min(ys)) - 2.0),
+                   min(float(w0), math.ceil(max(xs)) + 2.0), min(float(h0), math.ceil(max(ys)) + 2.0))
+            bw, bh = box[2] - box[0], box[3] - box[1]
+            iw, ih = max(1, round(bw / step)), max(1, round(bh / step))
+            img = src.resize((iw, ih), Image.Resampling.BILINEAR, box=box)
+            quad = [((x - box[0]) * iw / bw, (y - box[1]) * ih / bh) for x, y in quad]
+        persp = p["perspective"] is not None
+        method = Image.Transform.PERSPECTIVE if persp else Image.Transform.AFFINE
+        out = img.transform(size, method, A.transform_data(quad, size, persp), Image.Resampling.BILINEAR,
+                            fillcolor=fill)
+        return out.convert("RGB", A.colour_matrix(p, means))
 
     jobs = []
     for row in rows:
@@ -274,7 +302,7 @@ def compare_libraries(root: Path, rows: list[dict], variants: int, quality: int,
             jobs.append((src, p, means, fill))
 
     result: dict = {"torch_import_s": torch_import_s, "variants": len(jobs)}
-    for name, render in (("pil", pil_render), ("torchvision", torchvision_render), ("pil_nearest", pil_nearest)):
+    for name, render in (("opencv", job_render), ("pil", pil_render), ("torchvision", torchvision_render)):
         render(*jobs[0])  # warm-up (lazy imports, kernel caches)
         t_render = t_encode = 0.0
         for job in jobs:
@@ -354,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                    for r in range(args.repeats)), key=lambda t: t[0])
         two = max((run_job(work, rows, f"w2r{r}", 2, args.variants, args.quality, args.max_side)
                    for r in range(args.repeats)), key=lambda t: t[0])
-        stages = pil_breakdown(work, rows[: args.compare_images], args.variants, args.quality, args.max_side)
+        stages = stage_breakdown(work, rows[: args.compare_images], args.variants, args.quality, args.max_side)
         ceiling = parallel_ceiling()
         pct = 100 * one[0] / floor
         speedup = two[0] / one[0]
@@ -389,13 +417,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"transform library, {lib['variants']} variants of {min(len(rows), args.compare_images)} sources, "
                   f"1 thread (torch import: {lib['torch_import_s']:.1f}s per process)")
             print(f"{'renderer':34s} {'render ms':>10s} {'encode ms':>10s} {'PSNR geometry':>14s} {'PSNR full':>10s}")
-            for name, label in (("pil", "PIL-only (the job)"), ("torchvision", "torchvision.transforms.v2 on PIL"),
-                                ("pil_nearest", "PIL-only, nearest (not used)")):
+            for name, label in (("opencv", "OpenCV (the job)"), ("pil", "PIL-only (the previous job)"),
+                                ("torchvision", "torchvision.transforms.v2 on PIL")):
                 r = lib[name]
                 print(f"{label:34s} {r['render_ms']:10.2f} {r['encode_ms']:10.2f} "
                       f"{r['psnr_geometry_db']:11.1f} dB {r['psnr_full_db']:7.1f} dB")
-            print(f"choice: {'PIL-only' if lib['pil']['render_ms'] <= lib['torchvision']['render_ms'] else 'torchvision'}"
-                  f" ({lib['torchvision']['render_ms'] / lib['pil']['render_ms']:.2f}x)")
+            fastest = min(("opencv", "pil", "torchvision"), key=lambda n: lib[n]["render_ms"])
+            print(f"fastest: {fastest}; PIL-only {lib['pil']['render_ms'] / lib['opencv']['render_ms']:.2f}x and "
+                  f"torchvision {lib['torchvision']['render_ms'] / lib['opencv']['render_ms']:.2f}x the job's time")
         figures["loadavg_end"] = os.getloadavg()[0]
         print(f"\n1-min load average: {load_start:.2f} at start, {figures['loadavg_end']:.2f} at end "
               f"(on {info['cores']} cores; above ~1 the figures are disturbed by other processes)")

@@ -413,3 +413,47 @@ def test_progress_lines(tmp_path, monkeypatch, capsys):
     assert progress and all("images/s" in line and "ETA" in line for line in progress)
     assert any("progress 1/3 inputs" in line for line in progress)
     assert "summary: inputs=3, variants_written=9, variants_existing=0, skipped=0" in out
+
+
+def _psnr(a, b) -> float:
+    import numpy as np
+
+    mse = float(((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2).mean())
+    return 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+@pytest.mark.parametrize("perspective", [False, True])
+def test_opencv_warp_is_pils_transform_with_the_same_coefficients(perspective):
+    """The job warps with OpenCV; the map must be exactly the one PIL's ``transform`` applies to
+    ``transform_data``'s coefficients (same corners, same pixel-centre convention, output ->
+    input), which is what the geometry (crop, rotation, flip, perspective) was written for."""
+    import numpy as np
+
+    src = photo((160, 120), seed=3)
+    params = {"crop": [0.1, 0.15, 0.7, 0.75], "angle": 12.5, "hflip": True,
+              "perspective": [0.05, 0.02, 0.08, 0.0, 0.03, 0.06, 0.01, 0.04] if perspective else None}
+    size = augmentation.output_size(params, *src.size, 512)
+    quad = augmentation.source_quad(params, *src.size)
+    coeffs = augmentation.transform_data(quad, size, perspective)
+    method = Image.Transform.PERSPECTIVE if perspective else Image.Transform.AFFINE
+    pil = src.transform(size, method, coeffs, Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+    ours = augmentation.warp_quad(np.asarray(src), quad, size, perspective, (0, 0, 0))
+    w, h = size
+    centre = (slice(h // 8, 7 * h // 8), slice(w // 8, 7 * w // 8))  # away from the fill at the edges
+    assert ours.shape == (h, w, 3)
+    assert _psnr(ours[centre], np.asarray(pil)[centre]) > 40
+
+
+def test_blur_is_a_gaussian_of_the_recorded_sigma_in_output_pixels():
+    import numpy as np
+
+    src = np.zeros((64, 64, 3), np.uint8)
+    src[:, 32:] = 255  # a vertical edge
+    base = {"crop": [0.0, 0.0, 1.0, 1.0], "angle": 0.0, "hflip": False, "perspective": None}
+    sharp = augmentation.warp(src, {**base, "blur_sigma": None}, (64, 64), 64, (0, 0, 0))
+    soft = augmentation.warp(src, {**base, "blur_sigma": 1.5}, (64, 64), 64, (0, 0, 0))
+    row_sharp, row_soft = sharp[32, :, 0].astype(float), soft[32, :, 0].astype(float)
+    assert row_sharp[30] == 0 and row_sharp[33] == 255
+    # Across the edge a Gaussian of sigma 1.5 px spreads 10%..90% over 2.56 sigma = 3.8 px.
+    ramp = [x for x in range(20, 44) if 0.1 * 255 < row_soft[x] < 0.9 * 255]
+    assert 3 <= len(ramp) <= 5, row_soft[24:40]

@@ -79,8 +79,8 @@ def test_augmentation_renders_from_the_upright_picture(tmp_path, monkeypatch):
     seen = []
     real = augmentation.render_variant
 
-    def spy(img, params, orig_size, *args, **kwargs):
-        seen.append((img.copy(), orig_size))
+    def spy(img, params, orig_size, *args, **kwargs):  # the job hands over the source's array
+        seen.append((Image.fromarray(np.array(img)) if isinstance(img, np.ndarray) else img.copy(), orig_size))
         return real(img, params, orig_size, *args, **kwargs)
 
     monkeypatch.setattr(augmentation, "render_variant", spy)

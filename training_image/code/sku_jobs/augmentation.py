@@ -42,6 +42,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import cv2
+import numpy as np
 from PIL import Image, ImageOps, ImageStat
 
 from sku_contracts.files import (
@@ -77,12 +79,12 @@ P_BLUR = 0.25
 BLUR_SIGMA = (0.75, 1.75)            # pixels of the output
 
 _LUMA = (0.299, 0.587, 0.114)        # ITU-R 601, the weights PIL's "L" conversion uses
-# A blur of sigma is rendered as "resample the source down by r, then warp it back up":
-# bilinear down (triangle filter) then bilinear up (triangle) is a cubic B-spline kernel with
-# variance r^2/3, i.e. a Gaussian of sigma = r/sqrt(3) to within a few percent (Pillow's own
-# GaussianBlur is a 3-box, quadratic B-spline). It costs ~1 ms instead of GaussianBlur's ~10 ms.
-_BLUR_R_PER_SIGMA = math.sqrt(3.0)
-_PRESCALE_MIN = 1.15                 # below this the direct warp is as good as a pre-resize
+# Source pixels per output pixel from which the warp reads an area-reduced source: a bilinear
+# warp reads 2x2 pixels, so it starts to alias beyond a 2x reduction. The JPEG draft() scale
+# keeps the decoded source below 2x of the output for most variants, so this is rare.
+_PRESCALE_MIN = 2.0
+_HALF_PIXEL_IN = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+_HALF_PIXEL_OUT = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]])
 
 
 class AugmentationError(RuntimeError):
@@ -278,44 +280,66 @@ def decode_scale_needed(params_list: Iterable[dict], width: int, height: int, ma
     return min(1.0, need)
 
 
-def render_variant(img: Image.Image, params: dict, orig_size: tuple[int, int], max_side: int,
-                   means: Sequence[float], fill: tuple[int, int, int],
-                   resample: Image.Resampling = Image.Resampling.BILINEAR) -> Image.Image:
-    """One variant from the decoded (possibly draft-reduced) RGB source."""
-    out = warp(img, params, orig_size, max_side, fill, resample)
-    return out.convert("RGB", colour_matrix(params, means))
+def render_variant(img: Image.Image | np.ndarray, params: dict, orig_size: tuple[int, int], max_side: int,
+                   means: Sequence[float], fill: tuple[int, int, int]) -> Image.Image:
+    """One variant from the decoded (possibly draft-reduced) upright RGB source: a PIL image
+    or its ``HxWx3`` uint8 array (pass the array when rendering several variants of one
+    source: the conversion is then paid once)."""
+    arr = img if isinstance(img, np.ndarray) else np.asarray(img.convert("RGB"))
+    out = warp(arr, params, orig_size, max_side, fill)
+    return Image.fromarray(apply_colour(out, params, means), "RGB")
 
 
-def warp(img: Image.Image, params: dict, orig_size: tuple[int, int], max_side: int,
-         fill: tuple[int, int, int], resample: Image.Resampling = Image.Resampling.BILINEAR) -> Image.Image:
-    """Crop, rotation, flip, perspective (and blur) in one resampling pass.
+def warp(arr: np.ndarray, params: dict, orig_size: tuple[int, int], max_side: int,
+         fill: tuple[int, int, int]) -> np.ndarray:
+    """Crop, rotation, flip and perspective in one bilinear resampling pass, then the blur.
 
-    The job always resamples bilinearly; ``resample`` exists for the benchmark's comparison.
+    Where the source has more than ``_PRESCALE_MIN`` pixels per output pixel, the bounding
+    box of the sampled quad is first reduced with OpenCV's area filter (an antialiased
+    downscale; the crop happens before the resize), so the bilinear warp does not alias.
+    The blur is a true Gaussian of ``blur_sigma`` output pixels.
     """
     width, height = orig_size
     size = output_size(params, width, height, max_side)
-    sx, sy = img.width / width, img.height / height
+    sx, sy = arr.shape[1] / width, arr.shape[0] / height
     quad = [(x * sx, y * sy) for x, y in source_quad(params, width, height)]
-
-    # Source pixels per output pixel, times the blur's down-factor: when that is well above 1,
-    # resize just the bounding box of the quad (antialiased, and the crop happens before the
-    # resize), then warp from it. Without blur on a <= max_side source this is skipped.
     step = params["crop"][2] * width * sx / size[0]
-    if params["blur_sigma"]:
-        step *= _BLUR_R_PER_SIGMA * params["blur_sigma"]
-    src = img
+    src = arr
     if step >= _PRESCALE_MIN:
         xs, ys = [p[0] for p in quad], [p[1] for p in quad]
-        box = (max(0.0, math.floor(min(xs)) - 2.0), max(0.0, math.floor(min(ys)) - 2.0),
-               min(float(img.width), math.ceil(max(xs)) + 2.0), min(float(img.height), math.ceil(max(ys)) + 2.0))
-        bw, bh = box[2] - box[0], box[3] - box[1]
-        iw, ih = max(1, round(bw / step)), max(1, round(bh / step))
-        src = img.resize((iw, ih), Image.Resampling.BILINEAR, box=box)
-        quad = [((x - box[0]) * iw / bw, (y - box[1]) * ih / bh) for x, y in quad]
+        x0, y0 = max(0, math.floor(min(xs)) - 2), max(0, math.floor(min(ys)) - 2)
+        x1, y1 = min(arr.shape[1], math.ceil(max(xs)) + 2), min(arr.shape[0], math.ceil(max(ys)) + 2)
+        iw, ih = max(1, round((x1 - x0) / step)), max(1, round((y1 - y0) / step))
+        src = cv2.resize(arr[y0:y1, x0:x1], (iw, ih), interpolation=cv2.INTER_AREA)
+        quad = [((x - x0) * iw / (x1 - x0), (y - y0) * ih / (y1 - y0)) for x, y in quad]
+    out = warp_quad(src, quad, size, params["perspective"] is not None, fill)
+    if params["blur_sigma"]:
+        out = cv2.GaussianBlur(out, (0, 0), params["blur_sigma"], borderType=cv2.BORDER_REFLECT_101)
+    return out
 
-    perspective = params["perspective"] is not None
-    method = Image.Transform.PERSPECTIVE if perspective else Image.Transform.AFFINE
-    return src.transform(size, method, transform_data(quad, size, perspective), resample, fillcolor=fill)
+
+def warp_quad(src: np.ndarray, quad: Sequence[tuple[float, float]], size: tuple[int, int], perspective: bool,
+              fill: tuple[int, int, int]) -> np.ndarray:
+    """Bilinear resampling of ``src`` so the output's corners sample ``quad``.
+
+    ``transform_data`` gives PIL's coefficients, which map output pixel centres (x + 0.5,
+    y + 0.5) to input coordinates whose pixel centres are at +0.5; OpenCV maps pixel indices.
+    So OpenCV gets ``T(-0.5) @ M @ T(+0.5)`` as the inverse map (output -> input); the result
+    matches PIL's ``transform`` to ~51 dB and is ~6x faster (vectorised fixed-point bilinear).
+    """
+    coeffs = transform_data(quad, size, perspective)
+    m = np.array([*coeffs, 1.0] if perspective else [*coeffs, 0.0, 0.0, 1.0], dtype=np.float64).reshape(3, 3)
+    m = _HALF_PIXEL_OUT @ m @ _HALF_PIXEL_IN
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    border = {"borderMode": cv2.BORDER_CONSTANT, "borderValue": tuple(int(v) for v in fill)}
+    if perspective:
+        return cv2.warpPerspective(src, m, size, flags=flags, **border)
+    return cv2.warpAffine(src, m[:2], size, flags=flags, **border)
+
+
+def apply_colour(arr: np.ndarray, params: dict, means: Sequence[float]) -> np.ndarray:
+    """The colour matrix (:func:`colour_matrix`) on every pixel, rounded and clipped once."""
+    return cv2.transform(arr, np.array(colour_matrix(params, means), dtype=np.float32).reshape(3, 4))
 
 
 def encode_jpeg(img: Image.Image, quality: int) -> bytes:
@@ -404,6 +428,7 @@ def init_worker(images_root: str, settings: Settings) -> None:
     """Pool initializer (also used in-process): state every task needs, sent once."""
     global _ROOT, _SETTINGS
     _ROOT, _SETTINGS = images_root, settings
+    cv2.setNumThreads(1)  # one process per core: OpenCV's own thread pool would oversubscribe
     if "torch" in sys.modules:  # never imported here; if a caller did, keep 1 thread per worker
         sys.modules["torch"].set_num_threads(1)
 
@@ -478,10 +503,11 @@ def process_source(task: tuple[str, str, str]) -> dict:
         except Exception as exc:  # noqa: BLE001 - untrusted input: any decoder failure is a skip
             return skip(_decode_failure(exc))
         fill = tuple(round(m) for m in means)
+        arr = np.asarray(img)  # one conversion, shared by the variants
         try:
             os.makedirs(out_dir, exist_ok=True)
             for k, p, row in missing:
-                out = render_variant(img, p, (width, height), st.max_side, means, fill)
+                out = render_variant(arr, p, (width, height), st.max_side, means, fill)
                 data = encode_jpeg(out, st.jpeg_quality)
                 write_atomic(os.path.join(out_dir, variant_name(source_path, k)), data)
                 row.update(sha256=hashlib.sha256(data).hexdigest(), width=out.width, height=out.height)
