@@ -418,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=0.25, help="warm start: compute budget vs a full retrain")
     parser.add_argument("--recipes", default="all", help="comma-separated recipe numbers (1-based) or 'all'")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=2,
+                        help="seeds of the month-2 full retrain and of the hand reference (means compared)")
     parser.add_argument("--skip-frozen", action="store_true", help="skip the frozen month-1 run")
     parser.add_argument("--skip-hand", action="store_true", help="skip the hand-trained reference")
     parser.add_argument("--smoke", action="store_true", help="a few SKUs only (does it run)")
@@ -446,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     # month 2 full retrain
     runs["full"] = train("full", work, m2, fsx, base_hps | {"epochs": E, "warm_start": False}, args.threads)
     full_flops = compute_of(runs["full"], args.arch, args.image_size, len(classes), None)
+    for seed in range(1, args.seeds):  # the same full retrain from other seeds: run-to-run spread
+        runs[f"full-s{seed}"] = train(f"full-s{seed}", work, m2, fsx,
+                                      base_hps | {"epochs": E, "warm_start": False, "seed": seed}, args.threads)
 
     # warm starts within the budget
     chosen = list(RECIPES) if args.recipes == "all" else [list(RECIPES)[int(i) - 1] for i in args.recipes.split(",")]
@@ -486,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_hand:
         all_rows = read_rows(m2 / "train.csv") + read_rows(m2 / "val.csv") + test2
         log("hand-trained reference (plain torchvision loop)")
-        hand = hand_reference(fsx, [(p, c, s, h) for p, c, s, h in all_rows], holdout_rows, len(classes), args)
+        hands = [hand_reference(fsx, [(p, c, s, h) for p, c, s, h in all_rows], holdout_rows, len(classes), args,
+                                seed=seed) for seed in range(args.seeds)]
+        hand = {k: sum(h[k] for h in hands) / len(hands) for k in ("test", "holdout", "wall")} | {"seeds": hands}
 
     # 5. the table
     def pct(v):
@@ -505,17 +512,22 @@ def main(argv: list[str] | None = None) -> int:
         t, h = row["test"], row["holdout"]
         label = {"m1": "month 1, nothing frozen (policy: random init)",
                  "m1-frozen": "month 1, conv1-layer3 frozen at random init",
-                 "full": "month 2 full retrain"}.get(row["run"], row["run"]) + f" ({row['epochs']} ep)"
+                 "full": "month 2 full retrain"}.get(row["run"], row["run"]).replace(
+                     "full-s", "month 2 full retrain, seed ") + f" ({row['epochs']} ep)"
         frozen = "none" if row["policy"].startswith("nothing") else row["policy"].split(" ")[1]
         print(f"{label:<46} {100 * row['compute']:6.1f}% {row['wall']:6.0f}   {pct(t['top1'])} {pct(t['old'])} "
               f"{pct(t['new'])}      {pct(h['top1'])} {pct(h['old'])} {pct(h['new'])}  {frozen}")
     if hand:
-        print(f"{'hand-trained reference, per-image split':<46} {'':>7} {hand['wall']:6.0f}   {pct(hand['test'])} "
-              f"{'':>6} {'':>6}      {pct(hand['holdout'])}")
+        for seed, one in enumerate(hand["seeds"]):
+            print(f"{f'hand-trained reference, per-image split, seed {seed}':<46} {'':>7} {one['wall']:6.0f}   "
+                  f"{pct(one['test'])} {'':>6} {'':>6}      {pct(one['holdout'])}")
     chal = evaluation.get("challenger", {})
     print(f"evaluate.py on the month-2 full retrain (the DAG's number): top-1 {pct(chal.get('top1'))}, "
           f"old {pct(chal.get('old_sku_top1'))}, new {pct(chal.get('new_sku_top1'))}")
-    full = next(r for r in table if r["run"] == "full")
+    fulls = [r for r in table if r["run"] == "full" or r["run"].startswith("full-s")]
+    full = {"holdout": {k: sum(r["holdout"][k] for r in fulls) / len(fulls) for k in ("top1", "old")}}
+    print(f"month-2 full retrain, mean of {len(fulls)} seed(s): held-out top-1 {pct(full['holdout']['top1'])}, "
+          f"old {pct(full['holdout']['old'])}" + (f"; hand reference mean {pct(hand['holdout'])}" if hand else ""))
     for row in table:
         if row["run"].startswith("warm"):
             ratio = row["holdout"]["top1"] / full["holdout"]["top1"]
@@ -525,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"; {100 * row['holdout']['top1'] / hand['holdout']:.0f}% of the hand reference" if hand else ""))
     if hand:
         print(f"  month-2 full retrain: {100 * full['holdout']['top1'] / hand['holdout']:.0f}% of the hand reference "
-              f"(held-out top-1)")
+              f"(held-out top-1, means over seeds)")
     print(f"total {time.perf_counter() - t_start:.0f} s; 1-min load average {load_start:.1f} at start, "
           f"{os.getloadavg()[0]:.1f} at the end (2 cores: above ~2 other work shared the machine); "
           f"work folder {work}")

@@ -4,6 +4,7 @@ follow their source, and SKUs with enough groups get val and test groups."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -83,7 +84,8 @@ def splits_per_group(conn) -> dict[tuple[str, str], set[str]]:
 def test_no_group_straddles_splits_and_skus_get_val_and_test_groups(conn):
     skus = [f"SKU-{i:02d}" for i in range(12)]
     images = [img for i, s in enumerate(skus) for img in burst_batch("b1", s, bursts=5, frames=6, seed=i)]
-    result = register_batch(conn, manifest("b1", skus), images, split=SPLIT)
+    result = register_batch(conn, manifest("b1", skus), images,
+                            split=dataclasses.replace(SPLIT, val_group_per_sku=True))
     assert result.status == "registered" and result.n_images == len(images)
     groups = splits_per_group(conn)
     assert all(len(s) == 1 for s in groups.values()), {k: v for k, v in groups.items() if len(v) > 1}

@@ -185,6 +185,20 @@ def test_bad_inputs_fail_clearly(tmp_path, image_root):
     assert "missing input channel 'manifests'" in (tmp_path / "job3" / "output" / "failure").read_text()
 
 
+def test_empty_val_split_keeps_the_last_epoch(tmp_path, image_root):
+    """Val groups are drawn by fraction, so a small catalogue may have none: the job says so and
+    keeps the last epoch instead of refusing to train (or keeping epoch 1's all-zero val score)."""
+    images, rows = image_root
+    manifests = tmp_path / "manifests"
+    write_manifests(manifests, images, {"train": rows["train"][:48], "val": [], "test": rows["test"]}, 6)
+    proc = run([sys.executable, str(TRAIN_PY), *TRAIN_ARGS, "--epochs", "2", "--max-steps-per-epoch", "2"],
+               job_env(tmp_path / "job", manifests, images), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val.csv has no rows: no epoch selection, the last epoch is kept" in proc.stdout
+    metrics = json.loads((tmp_path / "job" / "model" / "metrics.json").read_text())
+    assert metrics["best"]["epoch"] == 2 and metrics["test"]["count"] == len(rows["test"])
+
+
 def test_dataset_skips_undecodable_files(tmp_path, image_root):
     from sku_jobs.data import ManifestDataset, Sample, collate_skip_bad, eval_transform, make_loader
 

@@ -286,8 +286,8 @@ class Inputs:
         self.test = read_manifest(test_csv, n) if test_csv.is_file() else []
         if not self.train:
             raise InputError(f"{manifests / 'train.csv'} has no rows: empty train set, nothing to train on")
-        if not self.val:
-            raise InputError(f"{manifests / 'val.csv'} has no rows: cannot select the best model")
+        if not self.val:  # a small catalogue may have no val group yet (val groups are drawn by fraction)
+            log(f"WARNING: {manifests / 'val.csv'} has no rows: no epoch selection, the last epoch is kept")
         model_channel = channel_dir(env, "model", required=False) if args.warm_start else None
         self.warm_model = _unpack_model_channel(model_channel) if model_channel else None
         self.weights = None if self.warm_model else _weights_file(args, env)
@@ -818,7 +818,8 @@ def run_training(args: argparse.Namespace, env: JobEnv, inputs: Inputs, info: Di
         history.append(record)
         log(metric_lines.format_epoch_line(epoch, tr["loss"], ev["loss"], ev["top1"], ev["top5"],
                                            record["lr"], tr["images_per_sec"]))
-        improved = ev["top1"] > best["val_top1"]  # identical on all ranks (all-reduced)
+        # Identical on all ranks (all-reduced). Without val rows every epoch "improves": the last is kept.
+        improved = ev["top1"] > best["val_top1"] or not inputs.val
         if improved:
             best = {"epoch": epoch, "val_top1": ev["top1"], "val_top5": ev["top5"], "val_loss": ev["loss"]}
             progress["best"] = best

@@ -17,7 +17,8 @@ Split rules (deterministic, stable, stratified per SKU, by group):
   straddles train/val/test and no registered image ever changes split;
 * ``u = md5(sku_id || '/' || group_key)`` mapped to [0, 1) picks train / val / test by the
   configured fractions, so the same group lands in the same split on any machine;
-* a SKU with at least ``min_originals_for_holdout`` groups gets at least one test and one val
+* a SKU with at least ``min_originals_for_holdout`` groups gets at least one test and (with
+  ``val_group_per_sku``, the default) one val
   group: while it has none, its smallest new groups (then hash order) fill them; smaller SKUs
   keep everything in train until they grow;
 * augmented variants inherit their source's split and group (see :mod:`.variants`).
@@ -174,7 +175,7 @@ _SPLIT_CASE = """
            CASE
              WHEN k.n_groups + {n_new} < %(min_holdout)s THEN 'train'
              WHEN k.n_test = 0 AND {r} = 1 THEN 'test'
-             WHEN k.n_val = 0 AND {r} = CASE WHEN k.n_test = 0 THEN 2 ELSE 1 END THEN 'val'
+             WHEN %(val_per_sku)s AND k.n_val = 0 AND {r} = CASE WHEN k.n_test = 0 THEN 2 ELSE 1 END THEN 'val'
              WHEN {u} < %(train)s THEN 'train'
              WHEN {u} < %(train)s + %(val)s THEN 'val'
              ELSE 'test'
@@ -425,6 +426,7 @@ def register_batch(
                     "phash_prefix": PHASH_PREFIX,
                     "image_prefix": IMAGE_PREFIX,
                     "min_holdout": split.min_originals_for_holdout,
+                    "val_per_sku": split.val_group_per_sku,
                     "train": split.train_fraction,
                     "val": split.val_fraction,
                 },

@@ -12,16 +12,17 @@ Variants
     ``<images>/<output_dir>/<source stem>__v<kk>.jpg`` for k in 1..N, byte-identical on any
     host and run: every random number comes from ``random.Random(sha256(f"{sha}:{k}:{seed}"))``.
 
-Library choice (measured by ``bench/augment_bench.py``: 50 sources x 4 variants, 512x512 q90
-JPEGs, 1 core of a 2-vCPU AMD EPYC VM, Pillow 13.0 / torchvision 0.29; see bench/README.md):
-rendering one variant with the PIL-only code below takes 6.7-11.8 ms, torchvision.transforms.v2
-functional ops on PIL images with the same parameters 16.4-21.1 ms (1.8-2.8x slower, over 5 runs
-on a shared VM), so the job uses PIL only. Quality is at least equal: PSNR against a single-pass
-bicubic reference is 42.8 dB vs 42.0 dB for the geometry and 43.4 dB vs 40.0 dB for the whole
-pipeline, because crop + rotation + flip + perspective are ONE resampling pass here and
-white balance + brightness + contrast + saturation ONE colour-matrix pass, while the torchvision
-chain resamples and clips once per op (and its gaussian_blur on PIL goes through a tensor).
-It also keeps torch (a 4-8 s import) out of the spawned workers.
+Library choice (measured by ``bench/augment_bench.py``, 512x512 q90 JPEGs, variants at
+``max_side`` 342, 1 core of a 2-vCPU AMD EPYC VM; figures in bench/README.md): the geometry
+(crop + rotation + flip + perspective) is composed into ONE projective map and resampled once
+with OpenCV's bilinear ``warpAffine``/``warpPerspective``, the blur is OpenCV's Gaussian, and
+white balance + brightness + contrast + saturation are ONE 3x4 colour matrix
+(``cv2.transform``), rounded and clipped once. Decoding (JPEG ``draft()``, EXIF orientation)
+and encoding stay with Pillow. Rendering a variant this way took ~1.5 ms against ~6.4 ms for
+the previous Pillow-only renderer (the same map through ``Image.transform``) and ~17 ms for
+torchvision.transforms.v2 functional ops on PIL images with the same parameters, at a higher
+PSNR against a single-pass bicubic reference (one resampling and one clipping instead of one
+per op). No torch in the workers (a 4-8 s import).
 """
 
 from __future__ import annotations
