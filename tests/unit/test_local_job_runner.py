@@ -76,12 +76,14 @@ ENTRY_POINTS = {
     """,
     # Under the toolkit's torch-distributed runner: a gloo all-reduce across the processes.
     "dist.py": """
-        import torch, torch.distributed as dist
+        import os, torch, torch.distributed as dist
         dist.init_process_group("gloo")
         t = torch.ones(1)
         dist.all_reduce(t)
-        print(f"rank {dist.get_rank()} of {dist.get_world_size()} sum {int(t.item()) // dist.get_world_size()}",
-              flush=True)
+        # One write(2) per line: the ranks share the pipe, and print() writes the text and the
+        # newline separately, so two ranks' lines could interleave ("rank 1 ...rank 0 ...").
+        line = f"rank {dist.get_rank()} of {dist.get_world_size()} sum {int(t.item()) // dist.get_world_size()}\\n"
+        os.write(1, line.encode())
         dist.destroy_process_group()
     """,
     # SageMaker's CheckpointConfig.LocalPath is /opt/ml/checkpoints: the base dir's "checkpoints".
