@@ -73,9 +73,10 @@ airflow db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { cat "$AIRFLOW_HOME/
 # The DAG-integrity tests, and every unit test file that does not import the job code
 # (torch, sku_jobs, augment/train/evaluate): those test training_image/code, which runs in the
 # DLC, not in Airflow. test_dockerfile.py (hadolint on the image's Dockerfile) has nothing to
-# do with Airflow's version either.
+# do with Airflow's version either, and test_local_job_runner.py runs jobs through the
+# SageMaker training toolkit and torchrun (training_image/requirements.txt, not in this venv).
 mapfile -t unit < <(grep -L -E '^\s*(import torch|from torch|from sku_jobs|import sku_jobs|import (augment|train|evaluate)\b)' tests/unit/test_*.py \
-                    | grep -v -E 'tests/unit/test_dockerfile\.py$')
+                    | grep -v -E 'tests/unit/test_(dockerfile|local_job_runner)\.py$')
 # Deselected here: these call an operator link's get_link() outside any task, where it reads
 # the Variable; the 3.0.x task SDK can only read Variables through a running task's supervisor
 # (ImportError SUPERVISOR_COMMS), 3.1+ falls back to the secrets backends. In a real run the

@@ -76,7 +76,8 @@ ENTRY_POINTS = {
     """,
     # Under the toolkit's torch-distributed runner: a gloo all-reduce across the processes.
     "dist.py": """
-        import os, torch, torch.distributed as dist
+        import torch, torch.distributed as dist
+        import os
         dist.init_process_group("gloo")
         t = torch.ones(1)
         dist.all_reduce(t)
