@@ -294,8 +294,10 @@ class Inputs:
         self.backbone_init = (
             INIT_WARM_START if self.warm_model else INIT_IMAGENET if self.weights is not None else INIT_RANDOM
         )
+        # Read once here (input errors before any process group); _warm_start takes it over.
+        self.warm_artifact = _read_warm_model(self.warm_model) if self.warm_model else None
         if args.head_hidden is None:  # a warm start keeps the champion's head shape
-            args.head_hidden = int(_read_warm_model(self.warm_model)["head_hidden"]) if self.warm_model else 0
+            args.head_hidden = int(self.warm_artifact["head_hidden"]) if self.warm_artifact else 0
         digest = hashlib.sha256()
         for name in ("classes.json", "train.csv", "val.csv"):
             digest.update((manifests / name).read_bytes())
@@ -626,7 +628,7 @@ def _warm_start(
 
     Returns (model, old class count, the model as loaded when distillation is on, else None).
     """
-    art = _read_warm_model(inputs.warm_model)
+    art, inputs.warm_artifact = inputs.warm_artifact, None  # its tensors are not kept for the whole run
     old_n = int(art["num_classes"])
     if art["arch"] != args.arch or int(art["head_hidden"]) != args.head_hidden:
         raise InputError(
