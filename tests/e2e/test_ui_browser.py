@@ -43,13 +43,21 @@ SECTION_FIELDS = {
 }
 
 
+def _skip_unless_ci(reason: str) -> None:
+    """Skip on a developer machine without the browser; in CI (``CI`` set, as .ci/run's caller
+    does) a missing browser is a failure, so the UI is never silently untested there."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI: {reason}")
+    pytest.skip(reason)
+
+
 def chromium_path() -> str:
     for name in CHROMIUM_CANDIDATES:
         found = shutil.which(name)
         if found:
             return found
-    pytest.skip("the browser test needs Debian's chromium package: `apt-get install -y chromium` "
-                "(as root; .ci/run does it), then re-run; Playwright's browser download is not used")
+    _skip_unless_ci("the browser test needs Debian's chromium package: `apt-get install -y chromium` "
+                    "(as root; .ci/run does it), then re-run; Playwright's browser download is not used")
     raise AssertionError("unreachable")
 
 
@@ -59,8 +67,8 @@ def browser_page(tmp_path: Path) -> Iterator:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("the browser test needs the playwright package: .venv/bin/pip install -r requirements-dev.txt "
-                    "-c constraints.txt (./dev test does it)")
+        _skip_unless_ci("the browser test needs the playwright package: .venv/bin/pip install -r "
+                        "requirements-dev.txt -c constraints.txt (./dev test does it)")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, args=LAUNCH_ARGS, headless=True)
         try:
