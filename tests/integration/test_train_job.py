@@ -187,16 +187,50 @@ def test_bad_inputs_fail_clearly(tmp_path, image_root):
 
 def test_empty_val_split_keeps_the_last_epoch(tmp_path, image_root):
     """Val groups are drawn by fraction, so a small catalogue may have none: the job says so and
-    keeps the last epoch instead of refusing to train (or keeping epoch 1's all-zero val score)."""
+    keeps the last epoch instead of refusing to train (or keeping epoch 1's all-zero val score),
+    even when asked to select by val."""
     images, rows = image_root
     manifests = tmp_path / "manifests"
     write_manifests(manifests, images, {"train": rows["train"][:48], "val": [], "test": rows["test"]}, 6)
-    proc = run([sys.executable, str(TRAIN_PY), *TRAIN_ARGS, "--epochs", "2", "--max-steps-per-epoch", "2"],
-               job_env(tmp_path / "job", manifests, images), timeout=180)
+    proc = run([sys.executable, str(TRAIN_PY), *TRAIN_ARGS, "--epochs", "2", "--max-steps-per-epoch", "2",
+                "--select-epoch", "best-val"], job_env(tmp_path / "job", manifests, images), timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "val.csv has no rows: no epoch selection, the last epoch is kept" in proc.stdout
+    assert "val.csv has no rows: no validation metrics; --select-epoch best-val cannot select" in proc.stdout
     metrics = json.loads((tmp_path / "job" / "model" / "metrics.json").read_text())
     assert metrics["best"]["epoch"] == 2 and metrics["test"]["count"] == len(rows["test"])
+
+
+@pytest.mark.parametrize("select", ["last", "best-val"])
+def test_select_epoch_outputs_the_last_or_the_best_val_epoch(tmp_path, image_root, select):
+    """The job's model is the last epoch's (default) or the best val epoch's. Val is mislabelled
+    (class + 1), so the better the model learns, the lower its val top-1: best-val must go back to
+    an earlier epoch, last must not."""
+    images, rows = image_root
+    manifests = tmp_path / "manifests"
+    wrong_val = [(rel, (cls + 1) % 6) for rel, cls in rows["val"]]
+    write_manifests(manifests, images, {"train": rows["train"], "val": wrong_val, "test": rows["test"]}, 6)
+    job = tmp_path / "job"
+    extra = [] if select == "last" else ["--select-epoch", select]
+    proc = run([sys.executable, str(TRAIN_PY), *TRAIN_ARGS, "--epochs", "3", "--max-steps-per-epoch", "6",
+                "--keep-checkpoints", "3", *extra], job_env(job, manifests, images), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((job / "model" / "metrics.json").read_text())
+    val = [e["val_top1"] for e in metrics["history"]]
+    first_best = val.index(max(val)) + 1
+    assert first_best < 3, f"the mislabelled val top-1 should fall as the model learns: {val}"
+    expected = 3 if select == "last" else first_best
+    assert metrics["best"]["epoch"] == expected and metrics["select_epoch"] == select
+    assert metrics["best"]["val_top1"] == pytest.approx(val[expected - 1])
+    # The artefact holds that epoch's weights: the same as the epoch's checkpoint.
+    import torch
+
+    from sku_jobs.model import load_model_artifact
+
+    model, _meta = load_model_artifact(job / "model" / "model.pt")
+    ckpt = torch.load(job / "checkpoints" / f"checkpoint-epoch{expected:04d}.pt", map_location="cpu",
+                      weights_only=False)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, ckpt["model"][name]), name
 
 
 def test_dataset_skips_undecodable_files(tmp_path, image_root):
@@ -325,7 +359,9 @@ def test_train_two_processes_under_the_toolkit_learns_and_writes_artefacts(tmp_p
     model_dir = job / "model"
     assert {p.name for p in model_dir.iterdir()} == {"model.pt", "classes.json", "metrics.json"}
     doc = json.loads((model_dir / "metrics.json").read_text())
-    assert len(doc["history"]) == 5 and doc["best"]["val_top1"] == pytest.approx(best, abs=1e-4)
+    # The job's model is the last epoch's (--select-epoch last, the default).
+    assert len(doc["history"]) == 5 and doc["best"]["epoch"] == 5
+    assert doc["best"]["val_top1"] == pytest.approx(epochs[-1]["val_top1"], abs=1e-4)
     assert doc["test"]["count"] == 36
     assert json.loads((job / "output" / "data" / "training_metrics.json").read_text())["best"] == doc["best"]
     assert json.loads((model_dir / "classes.json").read_text())["num_classes"] == 6

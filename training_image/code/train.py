@@ -81,6 +81,7 @@ from sku_jobs.sm_env import JobEnv, run_job
 CHECKPOINT_RE = re.compile(r"^checkpoint-epoch(\d{4,})\.pt$")
 BEST_MODEL_NAME = "best-model.pt"
 REFERENCE_BATCH = 256  # --lr is given for this global batch and scaled linearly
+SELECT_EPOCH = ("last", "best-val")  # --select-epoch choices
 IMPRINT_MAX_PER_CLASS = 64  # images per new class used to initialise its head row
 IMPRINT_REFERENCE_IMAGES = 2048  # old-class images for the reference (mean) embedding
 
@@ -165,6 +166,9 @@ def _options(env: JobEnv) -> list[tuple[str, object, object, str]]:
         ("distill-weight", float, 0.0,
          "with warm start: weight of the distillation loss from the warm-start model on old-SKU logits (0 = off)"),
         ("distill-temperature", float, 2.0, "softmax temperature of the distillation loss"),
+        ("select-epoch", str, "last",
+         "the epoch whose weights the job outputs: last (the end of the cosine schedule) or best-val (the "
+         "highest val top-1; on a small val split that choice is noisy and flatters the model)"),
         ("checkpoint-dir", str, str(env.checkpoint_dir), "where rank 0 writes per-epoch checkpoints"),
         ("resume", str, "auto", "auto (latest checkpoint in --checkpoint-dir), none, or a checkpoint path"),
         ("keep-checkpoints", int, 2, "epoch checkpoints to keep"),
@@ -223,6 +227,9 @@ def parse_args(argv: list[str] | None, env: JobEnv) -> argparse.Namespace:
         raise InputError("--distill-weight must be >= 0 and --distill-temperature > 0")
     if args.lr <= 0:
         raise InputError("--lr must be > 0")
+    args.select_epoch = args.select_epoch.strip().lower().replace("_", "-")
+    if args.select_epoch not in SELECT_EPOCH:
+        raise InputError(f"--select-epoch must be one of {', '.join(SELECT_EPOCH)}, got {args.select_epoch!r}")
     args.freeze = "auto" if args.freeze.strip().lower() == "auto" else ",".join(parse_freeze(args.freeze))
     return args
 
@@ -287,7 +294,9 @@ class Inputs:
         if not self.train:
             raise InputError(f"{manifests / 'train.csv'} has no rows: empty train set, nothing to train on")
         if not self.val:  # a small catalogue may have no val group yet (val groups are drawn by fraction)
-            log(f"WARNING: {manifests / 'val.csv'} has no rows: no epoch selection, the last epoch is kept")
+            log(f"WARNING: {manifests / 'val.csv'} has no rows: no validation metrics"
+                + ("; --select-epoch best-val cannot select, the last epoch is kept"
+                   if args.select_epoch == "best-val" else ""))
         model_channel = channel_dir(env, "model", required=False) if args.warm_start else None
         self.warm_model = _unpack_model_channel(model_channel) if model_channel else None
         self.weights = None if self.warm_model else _weights_file(args, env)
@@ -302,7 +311,7 @@ class Inputs:
         for name in ("classes.json", "train.csv", "val.csv"):
             digest.update((manifests / name).read_bytes())
         for key in ("arch", "image_size", "head_hidden", "replay_fraction", "freeze", "epochs",
-                    "replay_balanced", "backbone_lr_mult", "distill_weight", "distill_temperature"):
+                    "replay_balanced", "backbone_lr_mult", "distill_weight", "distill_temperature", "select_epoch"):
             digest.update(f"{key}={getattr(args, key)};".encode())
         digest.update(f"warm={self.warm_model is not None}".encode())
         self.fingerprint = digest.hexdigest()[:16]
@@ -781,6 +790,8 @@ def run_training(args: argparse.Namespace, env: JobEnv, inputs: Inputs, info: Di
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_warmup_lambda(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch)
     )
+    log("Epoch selection: " + ("the last epoch's weights are the job's model" if args.select_epoch == "last"
+                               else "the epoch with the highest val top-1 is the job's model"))
     log(
         f"Data: train {len(train_set)} (steps/epoch {steps_per_epoch}), val {len(inputs.val)}, "
         f"test {len(inputs.test)} | global batch {global_batch} | lr {lr:.6f} (base {args.lr} per {REFERENCE_BATCH})"
@@ -820,11 +831,13 @@ def run_training(args: argparse.Namespace, env: JobEnv, inputs: Inputs, info: Di
         history.append(record)
         log(metric_lines.format_epoch_line(epoch, tr["loss"], ev["loss"], ev["top1"], ev["top5"],
                                            record["lr"], tr["images_per_sec"]))
-        # Identical on all ranks (all-reduced). Without val rows every epoch "improves": the last is kept.
-        improved = ev["top1"] > best["val_top1"] or not inputs.val
+        # Identical on all ranks (all-reduced). Without val rows, or selecting the last epoch, every
+        # epoch "improves": the last is kept.
+        improved = args.select_epoch == "last" or not inputs.val or ev["top1"] > best["val_top1"]
+        if inputs.val and ev["top1"] > progress["best"]["val_top1"]:  # the PROGRESS line's "best val"
+            progress["best"] = {"epoch": epoch, "val_top1": ev["top1"]}
         if improved:
             best = {"epoch": epoch, "val_top1": ev["top1"], "val_top5": ev["top5"], "val_loss": ev["loss"]}
-            progress["best"] = best
             # Every rank holds the same weights; a CPU copy saves reading the file back later.
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.state_dict().items()}
         if info.is_main:
@@ -884,6 +897,7 @@ def write_outputs(env, ckpt_dir, inputs, args, info, history, best, test, total,
             "replay_fraction": args.replay_fraction, "replay_balanced": args.replay_balanced,
             "backbone_lr_mult": args.backbone_lr_mult, "distill_weight": args.distill_weight,
         },
+        "select_epoch": args.select_epoch,
     }
     if not all(math.isfinite(r["train_loss"]) for r in history):
         doc["warning"] = "non-finite train loss in some epochs"

@@ -18,9 +18,8 @@ Split rules (deterministic, stable, stratified per SKU, by group):
 * ``u = md5(sku_id || '/' || group_key)`` mapped to [0, 1) picks train / val / test by the
   configured fractions, so the same group lands in the same split on any machine;
 * a SKU with at least ``min_originals_for_holdout`` groups gets at least one test and (with
-  ``val_group_per_sku``, the default) one val
-  group: while it has none, its smallest new groups (then hash order) fill them; smaller SKUs
-  keep everything in train until they grow;
+  ``val_group_per_sku``; off by default) one val group: while it has none, its smallest new
+  groups (then hash order) fill them; smaller SKUs keep everything in train until they grow;
 * augmented variants inherit their source's split and group (see :mod:`.variants`).
 """
 
