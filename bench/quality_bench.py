@@ -205,7 +205,7 @@ def train(name: str, work: Path, manifests: Path, images: Path, hps: dict, threa
         done.write_text(json.dumps({"key": key, "wall": wall}))
     metrics = json.loads((work / name / "model" / "metrics.json").read_text())
     policy = next((ln.split("Freeze policy: ", 1)[1] for ln in out.splitlines() if "Freeze policy: " in ln), "?")
-    log(f"  done in {wall:.0f} s; {policy}; best val top-1 {metrics['best']['val_top1']:.3f}")
+    log(f"  done in {wall:.0f} s; {policy}; val top-1 of the kept epoch ({metrics['best']['epoch']}) {metrics['best']['val_top1']:.3f}")
     return {"dir": work / name / "model", "metrics": metrics, "wall": wall, "policy": policy}
 
 
