@@ -121,12 +121,17 @@ def run_soak(env: dict[str, str], size: SoakSize, *, log_file: Path | None = Non
         if month == size.fault_month:
             # The injected fault: the month's run triggered twice at once (two schedulers, a
             # double click). Both must succeed, the batch registered once, both models
-            # promoted or rejected with versions in order, the invariants intact.
+            # promoted or rejected with versions in order, the invariants intact. The twin
+            # carries force_retrain: when its sensor pokes after the first run registered the
+            # batch, nothing is new for it, and without the flag it would wait (reschedule
+            # mode, a poke every 10 minutes, 12 hours) for the next month's batch, which is
+            # right for a scheduler and a hang for `airflow dags test`.
             import threading
 
             second: list = []
+            twin_conf = conf | {"force_retrain": True}
             twin = threading.Thread(target=lambda date, c, out: out.append(run_dag(date, c, env, log_file)),
-                                    args=(logical_date(month).replace("T03:", "T04:"), conf, second))
+                                    args=(logical_date(month).replace("T03:", "T04:"), twin_conf, second))
             twin.start()
             result = run_dag(logical_date(month), conf, env, log_file)
             twin.join()
